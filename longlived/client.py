@@ -1,0 +1,219 @@
+"""``ResilientClient``: subscribe, receive, back off, resubscribe.
+
+A client holds one subscription id. Iterating it yields the ``Response`` messages the
+server sends; when the stream fails for a reason worth retrying (the server went away,
+the connection broke, the server is shutting down, the subscriber was too slow) it logs
+the failure, waits a jittered backoff delay and subscribes again, for as long as needed.
+A stream the server ends with OK (``Unsubscribe``, or a newer subscription with the same
+id) ends the iteration; any other status raises ``SubscriptionClosed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Literal, Self
+
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from longlived._proto.longlived import Request, Response
+from longlived.backoff import Backoff
+from longlived.errors import RetriesExhausted, SubscriptionClosed
+from longlived.settings import Settings, parse_address
+
+__all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
+"""Statuses after which the client subscribes again instead of giving up."""
+
+_RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError)
+
+
+class ResilientClient:
+    """A subscription that survives server restarts and broken connections.
+
+    ::
+
+        async with ResilientClient(7, settings=Settings()) as client:
+            async for response in client:
+                print(response.data)
+
+    ``connected`` is set while a stream is open (the server has registered the id);
+    ``disconnected`` is set while it is not. Both are ``asyncio.Event`` objects, so apps
+    and tests can wait on them.
+
+    Args:
+        id: the subscriber id sent in every ``Subscribe``.
+        settings: address, backoff, package and timeouts; ``Settings()`` if omitted.
+        rng: randomness for backoff jitter (seed it for determinism).
+        sleep: the sleep used between attempts (injected by tests).
+        metadata: extra request metadata (for example an ``authorization`` header).
+    """
+
+    def __init__(
+        self,
+        id: int,
+        *,
+        settings: Settings | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.id = id
+        self.settings = settings if settings is not None else Settings()
+        self.backoff: Backoff = self.settings.backoff.to_backoff()
+        self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.disconnected.set()
+        self.connections = 0
+        """How many times a stream has been opened."""
+        self.failures = 0
+        """How many attempts have failed in total."""
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
+        self._metadata = dict(metadata or {})
+        self._channel: Channel | None = None
+        self._iterator: AsyncGenerator[Response, None] | None = None
+        self._closed = False
+
+    @property
+    def package(self) -> Literal["longlived", "protos"]:
+        """Proto package of the paths called (``protos`` for the original Go server)."""
+        return self.settings.package
+
+    def _path(self, method: str) -> str:
+        return f"/{self.package}.Longlived/{method}"
+
+    def _get_channel(self) -> Channel:
+        if self._channel is None:
+            host, port = parse_address(self.settings.address)
+            self._channel = Channel(host, port)
+        return self._channel
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    # ------------------------------------------------------------------ receiving
+
+    def __aiter__(self) -> AsyncGenerator[Response, None]:
+        if self._closed:
+            raise RuntimeError("client is closed")
+        if self._iterator is None:
+            self._iterator = self._messages()
+        return self._iterator
+
+    async def _messages(self) -> AsyncGenerator[Response, None]:
+        attempt = 0
+        while True:
+            try:
+                async for response in self._stream_once():
+                    attempt = 0  # a stream that delivers resets the backoff
+                    yield response
+                log.info("Client ID %d: the server ended the subscription", self.id)
+                return
+            except GRPCError as exc:
+                if exc.status not in RETRYABLE_STATUSES:
+                    raise SubscriptionClosed(exc.status.name, exc.message) from exc
+                error: BaseException = exc
+            except _RETRYABLE_ERRORS as exc:
+                error = exc
+            self.failures += 1
+            self._drop_channel()
+            attempt += 1
+            limit = self.settings.backoff.max_attempts
+            if limit and attempt >= limit:
+                raise RetriesExhausted(attempt, error) from error
+            delay = self.backoff.compute(attempt - 1, self._rng)
+            log.warning(
+                "Client ID %d: %s; resubscribing in %.2fs", self.id, _describe(error), delay
+            )
+            await self._sleep(delay)
+
+    async def _stream_once(self) -> AsyncGenerator[Response, None]:
+        channel = self._get_channel()
+        async with channel.request(
+            self._path("Subscribe"),
+            Cardinality.UNARY_STREAM,
+            Request,
+            Response,
+            metadata=self._metadata or None,
+        ) as stream:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await stream.send_message(Request(id=self.id), end=True)
+                await stream.recv_initial_metadata()
+            self._set_connected(True)
+            try:
+                async for response in stream:
+                    yield response
+            finally:
+                self._set_connected(False)
+
+    def _set_connected(self, up: bool) -> None:
+        if up:
+            self.connections += 1
+            log.info("Client ID %d subscribed to %s", self.id, self.settings.address)
+            self.disconnected.clear()
+            self.connected.set()
+        else:
+            self.connected.clear()
+            self.disconnected.set()
+
+    # -------------------------------------------------------------------- control
+
+    async def unsubscribe(self) -> Response:
+        """Ask the server to end this id's stream (status OK ends the iteration).
+
+        Raises:
+            SubscriptionClosed: NOT_FOUND when the server has no subscriber with this id.
+        """
+        channel = self._get_channel()
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                async with channel.request(
+                    self._path("Unsubscribe"),
+                    Cardinality.UNARY_UNARY,
+                    Request,
+                    Response,
+                    metadata=self._metadata or None,
+                ) as stream:
+                    await stream.send_message(Request(id=self.id), end=True)
+                    response = await stream.recv_message()
+        except GRPCError as exc:
+            raise SubscriptionClosed(exc.status.name, exc.message) from exc
+        assert response is not None
+        return response
+
+    async def aclose(self) -> None:
+        """Stop receiving and close the connection. Idempotent."""
+        self._closed = True
+        if self._iterator is not None:
+            await self._iterator.aclose()
+        self._drop_channel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, GRPCError):
+        return f"stream ended with {error.status.name} ({error.message})"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

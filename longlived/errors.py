@@ -1,0 +1,49 @@
+"""Errors raised by longlived.
+
+::
+
+    LonglivedError
+    ├── ConfigError          invalid settings (names the variable and what is allowed)
+    ├── SubscriptionClosed   the server ended the stream with a status that is not retried
+    └── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "LonglivedError",
+    "RetriesExhausted",
+    "SubscriptionClosed",
+]
+
+
+class LonglivedError(Exception):
+    """Base class of every error longlived raises."""
+
+
+class ConfigError(LonglivedError, ValueError):
+    """A setting has a value that is not allowed; the message names it."""
+
+
+class SubscriptionClosed(LonglivedError):
+    """The server ended a subscription with a status the client does not retry.
+
+    Attributes:
+        status: the gRPC status name (for example ``"PERMISSION_DENIED"``).
+        detail: the status message the server sent, if any.
+    """
+
+    def __init__(self, status: str, detail: str | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{status}: {detail}" if detail else status)
+
+
+class RetriesExhausted(LonglivedError):
+    """The client failed ``attempts`` times in a row and stopped retrying."""
+
+    def __init__(self, attempts: int, last: BaseException | None) -> None:
+        self.attempts = attempts
+        self.last = last
+        super().__init__(f"gave up after {attempts} failed attempts: {last!r}")

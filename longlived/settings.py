@@ -1,0 +1,182 @@
+"""Configuration: one ``Settings`` tree read from CLI flags, env vars, ``.env`` and defaults.
+
+Precedence: CLI flags > ``LONGLIVED_*`` environment variables > ``.env`` > defaults. Nested
+fields use ``__`` in env vars (``LONGLIVED_BACKOFF__MAX=30``) and ``.`` in flags
+(``--backoff.max 30``). Invalid values raise ``ConfigError`` with one line per problem,
+naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from longlived.backoff import Backoff
+from longlived.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "BackoffSettings",
+    "QueueSettings",
+    "Settings",
+    "format_validation_error",
+    "load_settings",
+    "parse_address",
+]
+
+ENV_PREFIX = "LONGLIVED_"
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) into its parts, or raise ``ValueError``."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected host:port (for example 127.0.0.1:7070), got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif not all(ch.isalnum() or ch in ".-_" for ch in host):
+        raise ValueError(f"host {host!r} is not a hostname or IP address")
+    return host, port
+
+
+def _check_address(value: str) -> str:
+    parse_address(value)
+    return value.strip()
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+
+
+class BackoffSettings(BaseModel):
+    """Client reconnect backoff (gRPC connection-backoff defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    initial: float = Field(1.0, gt=0, description="delay before the first retry, seconds")
+    multiplier: float = Field(1.6, ge=1, description="growth of the delay per failed attempt")
+    jitter: float = Field(0.2, ge=0, lt=1, description="relative random spread of each delay")
+    max: float = Field(120.0, gt=0, description="cap on the delay, seconds")
+    max_attempts: int = Field(
+        0, ge=0, description="give up after this many failures in a row (0 = never)"
+    )
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> BackoffSettings:
+        if self.max < self.initial:
+            raise ValueError(f"max ({self.max}) must be >= initial ({self.initial})")
+        return self
+
+    def to_backoff(self) -> Backoff:
+        """The ``Backoff`` value object these settings describe."""
+        return Backoff(
+            initial=self.initial, multiplier=self.multiplier, jitter=self.jitter, max=self.max
+        )
+
+
+class QueueSettings(BaseModel):
+    """Per-subscriber outgoing queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="encoded messages a subscriber may have queued before it counts as too slow",
+    )
+
+
+class Settings(BaseSettings):
+    """Everything longlived reads from its environment.
+
+    Attributes are documented in the README's settings table; each maps to the env var
+    ``LONGLIVED_<NAME>`` (nested: ``LONGLIVED_<GROUP>__<NAME>``) and the flag ``--<name>``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+        frozen=True,
+    )
+
+    address: Address = Field(
+        "127.0.0.1:7070", description="host:port the server listens on and clients connect to"
+    )
+    interval: float = Field(1.0, gt=0, le=86_400, description="mock generator period, seconds")
+    count: int = Field(10, ge=1, le=100_000, description="clients started by `clients`/`demo`")
+    stagger: float = Field(
+        2.0, ge=0, le=3600, description="pause between starting two clients, seconds"
+    )
+    duration: float | None = Field(
+        None,
+        gt=0,
+        description="`demo`/`clients`: stop after this many seconds (unset = until Ctrl-C)",
+    )
+    package: Literal["longlived", "protos"] = Field(
+        "longlived",
+        description="proto package of the paths the client calls "
+        "(`protos`: the original Go server)",
+    )
+    max_streams_per_connection: int = Field(
+        100_000,
+        ge=1,
+        le=2**31 - 1,
+        description="HTTP/2 MAX_CONCURRENT_STREAMS the server advertises (h2's default is 100)",
+    )
+    connect_timeout: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="client: how long one subscribe attempt may take to be answered, seconds",
+    )
+    shutdown_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="how long close() waits for streams to end before cancelling them, seconds",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="logging level of the CLI"
+    )
+    backoff: BackoffSettings = Field(default_factory=BackoffSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+
+    @property
+    def host(self) -> str:
+        """The host part of ``address``."""
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``address``."""
+        return parse_address(self.address)[1]
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per invalid value: env var, flag, value, and what is allowed."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
+        env = ENV_PREFIX + "__".join(loc).upper()
+        flag = "--" + ".".join(part.replace("_", "-") for part in loc)
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"invalid {env} (flag {flag}) = {item['input']!r}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build ``Settings`` from env and ``.env`` (plus ``overrides``), raising ``ConfigError``."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]  # keys checked by pydantic
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
