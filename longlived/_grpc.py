@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import grpclib.server
+from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from grpclib._typing import IServable
     from grpclib.config import Configuration
 
-__all__ = ["GrpcServer", "PassThroughCodec"]
+__all__ = ["GrpcServer", "PassThroughCodec", "end_stream", "wait_for_room"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class _Protocol(H2Protocol):
 
     max_streams: int = 100
     registry: set[_Protocol]
+    idle: asyncio.Event
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -50,9 +53,12 @@ class _Protocol(H2Protocol):
         )
         self.connection.flush()
         self.registry.add(self)
+        self.idle.clear()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.registry.discard(self)
+        if not self.registry:
+            self.idle.set()
         super().connection_lost(exc)
 
     def goaway(self) -> None:
@@ -77,13 +83,25 @@ class GrpcServer(grpclib.server.Server):
         super().__init__(handlers, codec=PassThroughCodec(), config=config)
         self._max_streams = max_streams
         self._protocols: set[_Protocol] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def _protocol_factory(self) -> H2Protocol:
         base = super()._protocol_factory()
         proto = _Protocol(base.handler, base.config, base.h2_config)
         proto.max_streams = self._max_streams
         proto.registry = self._protocols
+        proto.idle = self._idle
         return proto
+
+    async def wait_disconnected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every client to close its connection."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def connections(self) -> int:
@@ -94,3 +112,59 @@ class GrpcServer(grpclib.server.Server):
         """Send GOAWAY on and close every open connection."""
         for proto in list(self._protocols):
             proto.goaway()
+
+
+async def wait_for_room(
+    stream: grpclib.server.Stream[Any, Any], size: int, ended: asyncio.Event
+) -> bool:
+    """Wait until ``size`` bytes fit the peer's flow-control window and the transport.
+
+    Returns False if ``ended`` is set first. Waiting here, before a write, means a message
+    is never left half-written when a subscriber is ended for being too slow.
+    """
+    proto = stream._stream
+    conn = proto.connection
+    h2_conn = proto._h2_connection
+    assert proto.id is not None
+    # A message larger than the peer's whole window can only be written in pieces.
+    need = min(size, h2_conn.remote_settings.initial_window_size)
+    while not ended.is_set():
+        if not conn.write_ready.is_set():
+            ready = conn.write_ready
+        elif h2_conn.local_flow_control_window(proto.id) >= need:
+            return True
+        else:
+            proto.window_updated.clear()
+            ready = proto.window_updated
+        await _first(ready, ended)
+    return False
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+
+
+async def end_stream(
+    stream: grpclib.server.Stream[Any, Any], status: Status, message: str, *, timeout: float
+) -> None:
+    """Send the final status; if the peer cannot take it within ``timeout``, drop its connection.
+
+    Trailers are not flow-controlled, but a peer that stopped reading its socket can leave
+    the transport paused forever; aborting then frees the server's side.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await stream.send_trailing_metadata(status=status, status_message=message)
+    except TimeoutError:
+        log.warning(
+            "Peer %s did not take the final status in %.1fs; closing its connection",
+            stream.peer.addr() if stream.peer else "?",
+            timeout,
+        )
+        stream._stream.connection._transport.abort()

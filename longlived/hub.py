@@ -35,12 +35,14 @@ class EndReason(enum.Enum):
 class Subscriber:
     """One open subscription: an id, a bounded queue of encoded messages, an end reason."""
 
-    __slots__ = ("_queue", "_wake", "end_reason", "id", "limit")
+    __slots__ = ("_queue", "_wake", "end_reason", "ended", "id", "limit")
 
     def __init__(self, id: int, *, limit: int) -> None:
         self.id = id
         self.limit = limit
         self.end_reason: EndReason | None = None
+        self.ended = asyncio.Event()
+        """Set once the subscription has ended (a writer blocked on the peer can race it)."""
         self._queue: deque[bytes] = deque()
         self._wake = asyncio.Event()
 
@@ -69,6 +71,7 @@ class Subscriber:
             self.end_reason = reason
             if reason is not EndReason.UNSUBSCRIBED:
                 self._queue.clear()
+            self.ended.set()
             self._wake.set()
 
     async def take(self) -> list[bytes]:
@@ -93,10 +96,16 @@ class Hub:
     def __init__(self, *, queue_size: int) -> None:
         self.queue_size = queue_size
         self._subscribers: dict[int, Subscriber] = {}
+        self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
         return len(self._subscribers)
+
+    @property
+    def open_streams(self) -> int:
+        """Registered subscribers not yet released, ended ones still finishing included."""
+        return len(self._open)
 
     def __contains__(self, id: object) -> bool:
         return id in self._subscribers
@@ -113,30 +122,40 @@ class Hub:
         """Add a subscriber for ``id``, ending (as replaced) any previous one."""
         old = self._subscribers.get(id)
         if old is not None:
-            old.end(EndReason.REPLACED)
+            self._end(old, EndReason.REPLACED)
         sub = Subscriber(id, limit=self.queue_size)
         self._subscribers[id] = sub
+        self._open.add(sub)
         self._notify()
         return sub
 
-    def unregister(self, sub: Subscriber) -> None:
-        """Remove ``sub`` if it is still the one registered under its id."""
+    def release(self, sub: Subscriber) -> None:
+        """The stream of ``sub`` has finished: forget it (never touches a newer subscriber)."""
         if self._subscribers.get(sub.id) is sub:
             del self._subscribers[sub.id]
-            self._notify()
+        self._open.discard(sub)
+        self._notify()
 
     def end(self, id: int, reason: EndReason) -> bool:
         """End the subscription of ``id``; False if there is none."""
         sub = self._subscribers.get(id)
         if sub is None:
             return False
-        sub.end(reason)
+        self._end(sub, reason)
         return True
 
     def end_all(self, reason: EndReason) -> None:
         """End every subscription (for example at shutdown)."""
         for sub in list(self._subscribers.values()):
-            sub.end(reason)
+            self._end(sub, reason)
+
+    def _end(self, sub: Subscriber, reason: EndReason) -> None:
+        # An ended subscriber leaves the id table at once: it receives nothing more, and
+        # its id is free for a new subscription while its stream finishes.
+        sub.end(reason)
+        if self._subscribers.get(sub.id) is sub:
+            del self._subscribers[sub.id]
+            self._notify()
 
     def send(self, id: int, message: bytes) -> bool:
         """Queue ``message`` for ``id``; False if no such subscriber or it is too slow."""
@@ -157,6 +176,7 @@ class Hub:
             return False
         if sub.offer(message):
             return True
+        self._end(sub, EndReason.TOO_SLOW)
         log.warning(
             "Subscriber %d is too slow (%d messages queued): ending its stream", sub.id, sub.limit
         )

@@ -18,13 +18,13 @@ import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from longlived._grpc import GrpcServer
+from longlived._grpc import GrpcServer, end_stream, wait_for_room
 from longlived._proto.longlived import LonglivedBase, Request, Response
 from longlived.hub import EndReason, Hub
 from longlived.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
     import grpclib.server
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("longlived", "protos")
 """Proto packages whose ``Longlived`` paths the server answers on."""
+
+_GOAWAY_GRACE = 1.0
+"""Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
 
 _END_STATUS = {
     EndReason.UNSUBSCRIBED: Status.OK,
@@ -155,7 +158,7 @@ class SubscriptionManager(LonglivedBase):
             self.hub.end_all(EndReason.SHUTDOWN)
             try:
                 async with asyncio.timeout(self.settings.shutdown_timeout):
-                    await self.hub.wait_for(lambda: len(self.hub) == 0)
+                    await self.hub.wait_for(lambda: self.hub.open_streams == 0)
             except TimeoutError:
                 log.warning(
                     "%d subscribers did not end within %.1fs; cancelling them",
@@ -164,6 +167,11 @@ class SubscriptionManager(LonglivedBase):
                 )
             if self._server is not None:
                 self._server.close()
+                # Clients that read their final status close their connections themselves;
+                # a GOAWAY arriving with the status would make some clients drop it unread.
+                await self._server.wait_disconnected(
+                    min(_GOAWAY_GRACE, self.settings.shutdown_timeout)
+                )
                 self._server.goaway_all()
                 async with asyncio.timeout(self.settings.shutdown_timeout):
                     await self._server.wait_closed()
@@ -221,7 +229,15 @@ class SubscriptionManager(LonglivedBase):
             await stream.send_initial_metadata()
             while batch := await sub.take():
                 for message in batch:
+                    if not await wait_for_room(stream, len(message) + 5, sub.ended):
+                        break
                     await stream.send_message(message)
+            reason = sub.end_reason
+            assert reason is not None
+            log.info("Stream of client ID %d ended: %s", id, reason.value)
+            await end_stream(
+                stream, _END_STATUS[reason], reason.value, timeout=self.settings.shutdown_timeout
+            )
         except asyncio.CancelledError:
             if sub.end_reason is None:
                 log.info("Client ID %d disconnected", id)
@@ -230,13 +246,7 @@ class SubscriptionManager(LonglivedBase):
             log.warning("Failed to send data to client %d: %r", id, exc)
             raise
         finally:
-            self.hub.unregister(sub)
-        reason = sub.end_reason
-        assert reason is not None
-        log.info("Stream of client ID %d ended: %s", id, reason.value)
-        status = _END_STATUS[reason]
-        if status is not Status.OK:
-            raise GRPCError(status, reason.value)
+            self.hub.release(sub)
 
     async def _rpc_unsubscribe(self, stream: grpclib.server.Stream[Request, Response]) -> None:
         request = await stream.recv_message()
@@ -257,7 +267,7 @@ class SubscriptionManager(LonglivedBase):
         log.info("Unsubscribed client: %d", message.id)
         return Response()
 
-    async def subscribe(self, message: Request) -> AsyncIterator[Response]:
+    async def subscribe(self, message: Request) -> AsyncGenerator[Response, None]:
         """In-process subscription: yields the events ``message.id`` receives.
 
         The wire path does not go through this method (it streams pre-encoded bytes); it is
@@ -269,4 +279,4 @@ class SubscriptionManager(LonglivedBase):
                 for data in batch:
                     yield Response.FromString(data)
         finally:
-            self.hub.unregister(sub)
+            self.hub.release(sub)

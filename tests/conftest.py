@@ -33,7 +33,9 @@ ManagerFactory = Callable[..., SubscriptionManager]
 
 
 @pytest.fixture
-async def manager(settings: Settings, listener: socket.socket) -> AsyncIterator[SubscriptionManager]:
+async def manager(
+    settings: Settings, listener: socket.socket
+) -> AsyncIterator[SubscriptionManager]:
     """A started ``SubscriptionManager`` (mock generator on) on ``listener``."""
     server = SubscriptionManager(settings)
     await server.start(sock=listener)

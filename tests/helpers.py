@@ -1,0 +1,48 @@
+"""Test helpers: raw grpclib subscriptions, so tests see exactly what goes over the wire."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from grpclib.client import Channel, Stream
+from grpclib.const import Cardinality
+
+from longlived import Request, Response, Settings
+
+Subscription = Stream[Request, Response]
+
+
+def channel_for(settings: Settings) -> Channel:
+    """A grpclib channel to the server ``settings`` points at."""
+    return Channel(settings.host, settings.port)
+
+
+@asynccontextmanager
+async def subscription(
+    channel: Channel, id: int, *, package: str = "longlived"
+) -> AsyncIterator[Subscription]:
+    """Open ``Subscribe(id)`` and wait until the server has registered it."""
+    async with channel.request(
+        f"/{package}.Longlived/Subscribe", Cardinality.UNARY_STREAM, Request, Response
+    ) as stream:
+        await stream.send_message(Request(id=id), end=True)
+        async with asyncio.timeout(5):
+            await stream.recv_initial_metadata()
+        yield stream
+        # On a normal exit grpclib waits for the server to end the stream: if it is still
+        # open, leave at once instead; if it has ended, let grpclib raise its final status.
+        if stream._stream.closable and not stream._recv_trailing_metadata_done:
+            await stream.cancel()
+
+
+async def receive(stream: Subscription, count: int, *, timeout: float = 5) -> list[str]:
+    """The ``data`` of the next ``count`` messages on ``stream``."""
+    received: list[str] = []
+    async with asyncio.timeout(timeout):
+        while len(received) < count:
+            message = await stream.recv_message()
+            assert message is not None, f"stream ended after {len(received)} messages"
+            received.append(message.data)
+    return received

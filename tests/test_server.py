@@ -1,0 +1,264 @@
+"""SubscriptionManager over the wire, with real grpclib clients on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+
+from longlived import QueueSettings, Request, Response, Settings, SubscriptionManager
+from tests.helpers import channel_for, receive, subscription
+
+TIMEOUT = 5
+
+
+async def unsubscribe(channel: Channel, id: int) -> Response:
+    async with channel.request(
+        "/longlived.Longlived/Unsubscribe", Cardinality.UNARY_UNARY, Request, Response
+    ) as stream:
+        await stream.send_message(Request(id=id), end=True)
+        reply = await stream.recv_message()
+    assert reply is not None
+    return reply
+
+
+async def test_ten_subscribers_each_receive_their_own_messages(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    channels = [channel_for(settings) for _ in range(10)]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [
+                await stack.enter_async_context(subscription(ch, id))
+                for id, ch in enumerate(channels, start=1)
+            ]
+            results = await asyncio.gather(*(receive(s, 3) for s in streams))
+        for id, data in enumerate(results, start=1):
+            assert data == [f"data mock for: {id}"] * 3
+    finally:
+        for ch in channels:
+            ch.close()
+
+
+async def test_unsubscribe_ends_exactly_that_stream_with_ok(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    channel = channel_for(settings)
+    try:
+        async with subscription(channel, 1) as one, subscription(channel, 2) as two:
+            await receive(one, 1)
+            assert await unsubscribe(channel, 1) == Response()
+            async with asyncio.timeout(TIMEOUT):
+                while (message := await one.recv_message()) is not None:
+                    assert message.data == "data mock for: 1"
+                await one.recv_trailing_metadata()  # raises unless the status is OK
+            # the other subscriber is untouched
+            assert await receive(two, 3) == ["data mock for: 2"] * 3
+            assert manager.subscribers == [2]
+    finally:
+        channel.close()
+
+
+async def test_unsubscribe_unknown_id_is_not_found(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    channel = channel_for(settings)
+    try:
+        with pytest.raises(GRPCError) as info:
+            await unsubscribe(channel, 4242)
+        assert info.value.status is Status.NOT_FOUND
+        assert info.value.message == "no subscriber with id 4242"
+    finally:
+        channel.close()
+
+
+async def test_second_subscribe_with_same_id_replaces_the_first(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    first_channel, second_channel = channel_for(settings), channel_for(settings)
+    try:
+        async with subscription(first_channel, 5) as first:
+            await receive(first, 1)
+            async with subscription(second_channel, 5) as second:
+                # the first stream ends cleanly (status OK) ...
+                async with asyncio.timeout(TIMEOUT):
+                    while await first.recv_message() is not None:
+                        pass
+                    await first.recv_trailing_metadata()
+                # ... and its cleanup did not remove the new subscriber
+                assert manager.subscribers == [5]
+                assert await receive(second, 2) == ["data mock for: 5"] * 2
+    finally:
+        first_channel.close()
+        second_channel.close()
+
+
+async def test_negative_and_large_ids_are_ordinary_ids(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    """int32 ids are the wire's; the seed accepts any of them, so do we."""
+    channel = channel_for(settings)
+    try:
+        async with subscription(channel, -3) as neg, subscription(channel, 2**31 - 1) as big:
+            assert await receive(neg, 1) == ["data mock for: -3"]
+            assert await receive(big, 1) == [f"data mock for: {2**31 - 1}"]
+    finally:
+        channel.close()
+
+
+async def test_disconnect_runs_cleanup_at_once(listener: socket.socket, settings: Settings) -> None:
+    # The generator never fires, so only the disconnect itself can remove the subscriber.
+    quiet = settings.model_copy(update={"interval": 3600.0})
+    async with contextlib.AsyncExitStack() as stack:
+        server = SubscriptionManager(quiet)
+        await server.start(sock=listener)
+        stack.push_async_callback(server.close)
+        channel = channel_for(quiet)
+        stack.callback(channel.close)
+        async with subscription(channel, 9):
+            assert server.subscribers == [9]
+        # leaving the block resets the stream; the handler must clean up right away
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: 9 not in server.subscribers)
+
+
+async def test_shutdown_ends_streams_with_unavailable(
+    listener: socket.socket, settings: Settings
+) -> None:
+    server = SubscriptionManager(settings)
+    await server.start(sock=listener)
+    channel = channel_for(settings)
+    registered = asyncio.Event()
+
+    async def final_status(id: int) -> Status:
+        with pytest.raises(GRPCError) as info:
+            async with subscription(channel, id) as stream:
+                await receive(stream, 1)
+                if len(server.subscribers) == 2:
+                    registered.set()
+                async with asyncio.timeout(TIMEOUT):
+                    while await stream.recv_message() is not None:
+                        pass
+        assert info.value.message == "server shutting down"
+        return info.value.status
+
+    try:
+        statuses = asyncio.gather(final_status(1), final_status(2))
+        async with asyncio.timeout(TIMEOUT):
+            await registered.wait()
+            await server.close()
+            assert list(await statuses) == [Status.UNAVAILABLE, Status.UNAVAILABLE]
+    finally:
+        channel.close()
+        await server.close()
+
+
+async def test_subscribe_while_closing_is_unavailable(
+    listener: socket.socket, settings: Settings
+) -> None:
+    server = SubscriptionManager(settings)
+    await server.start(sock=listener)
+    server._closing = True  # the window between close() starting and the listener closing
+    channel = channel_for(settings)
+    try:
+        with pytest.raises(GRPCError) as info:
+            async with subscription(channel, 1):
+                pass
+        assert info.value.status is Status.UNAVAILABLE
+    finally:
+        channel.close()
+        server._closing = False
+        await server.close()
+
+
+async def test_many_streams_on_one_connection(
+    manager: SubscriptionManager, settings: Settings
+) -> None:
+    """h2 allows 100 concurrent streams by default; the server raises it."""
+    channel = channel_for(settings)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for id in range(150):
+                await stack.enter_async_context(subscription(channel, id))
+            assert len(manager.subscribers) == 150
+    finally:
+        channel.close()
+
+
+async def test_stalled_client_does_not_delay_the_others(
+    listener: socket.socket, settings: Settings
+) -> None:
+    """A subscriber that stops reading is ended as too slow; the others get everything."""
+    small = settings.model_copy(update={"interval": 3600.0, "queue": QueueSettings(size=16)})
+    server = SubscriptionManager(small)
+    await server.start(sock=listener)
+    stalled_channel, fast_channel = channel_for(small), channel_for(small)
+    payload = "x" * 65536
+    events = 200  # 13 MB: far beyond the stalled client's 4 MiB flow-control window
+    try:
+        with pytest.raises(GRPCError) as info:
+            async with subscription(stalled_channel, 0) as stalled:
+                async with (
+                    subscription(fast_channel, 1) as one,
+                    subscription(fast_channel, 2) as two,
+                ):
+                    for n in range(events):
+                        # the publisher moves in step with the fast readers only
+                        assert server.publish(f"{n}:{payload}") >= 2
+                        got = await asyncio.gather(receive(one, 1), receive(two, 1))
+                        assert got[0] == got[1] == [f"{n}:{payload}"]
+                    async with asyncio.timeout(TIMEOUT):
+                        await server.wait_for(lambda: 0 not in server.subscribers)
+                # once the stalled client reads again it learns why its stream ended
+                async with asyncio.timeout(TIMEOUT):
+                    while await stalled.recv_message() is not None:
+                        pass
+        assert info.value.status is Status.RESOURCE_EXHAUSTED
+        assert info.value.message == "subscriber too slow"
+    finally:
+        stalled_channel.close()
+        fast_channel.close()
+        await server.close()
+
+
+async def test_send_reaches_one_subscriber_and_publish_reaches_all(
+    listener: socket.socket, settings: Settings
+) -> None:
+    quiet = settings.model_copy(update={"interval": 3600.0})
+    server = SubscriptionManager(quiet)
+    await server.start(sock=listener)
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, 1) as one, subscription(channel, 2) as two:
+            assert server.send(2, "only two")
+            assert not server.send(3, "nobody")
+            assert server.publish("everyone") == 2
+            assert await receive(one, 1) == ["everyone"]
+            assert await receive(two, 2) == ["only two", "everyone"]
+    finally:
+        channel.close()
+        await server.close()
+
+
+async def test_in_process_subscribe_yields_events(
+    listener: socket.socket, settings: Settings
+) -> None:
+    quiet = settings.model_copy(update={"interval": 3600.0})
+    server = SubscriptionManager(quiet)
+    await server.start(sock=listener)
+    try:
+        stream = server.subscribe(Request(id=3))
+        async with contextlib.aclosing(stream):
+            task = asyncio.ensure_future(anext(stream))
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_for(lambda: 3 in server.subscribers)
+                server.send(3, "hi")
+                assert (await task).data == "hi"
+        assert 3 not in server.subscribers
+    finally:
+        await server.close()
