@@ -105,8 +105,9 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def _demo(settings: Settings, stop: asyncio.Event) -> None:
-    async with SubscriptionManager(settings):
-        await run_clients(settings, stop)
+    async with SubscriptionManager(settings) as manager:
+        # with port 0 the server picked a free port: point the clients at it
+        await run_clients(settings.model_copy(update={"address": manager.address}), stop)
 
 
 def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings) -> None:

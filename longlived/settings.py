@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     duration: float | None = Field(
         None,
         gt=0,
-        description="`demo`/`clients`: stop after this many seconds (unset = until Ctrl-C)",
+        description="stop after this many seconds (unset = run until Ctrl-C/SIGTERM)",
     )
     package: Literal["longlived", "protos"] = Field(
         "longlived",
