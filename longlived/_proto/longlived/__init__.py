@@ -3,7 +3,7 @@
 # plugin: python-betterproto2
 # This file has been @generated
 
-__all__ = ("LonglivedBase", "LonglivedStub", "Request", "Response")
+__all__ = ("LonglivedBase", "LonglivedStub", "Request", "Response", "ResponseKind")
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,9 +24,54 @@ _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 
+class ResponseKind(betterproto2.Enum):
+    DATA = 0
+    """
+    An event; `data` is its payload.
+    """
+
+    HEARTBEAT = 1
+    """
+    Nothing new: the stream is alive and `token` is the current position.
+    """
+
+    RESET = 2
+    """
+    Events were lost for this subscriber (resume position too old, malformed or from
+    another epoch, or dropped as too slow): resync, then carry on from `token`.
+    `data` says why.
+    """
+
+
 @dataclass(eq=False, repr=False)
 class Request(betterproto2.Message):
     id: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    The subscriber id. A second Subscribe with the same id replaces the first.
+    """
+
+    resume_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Opaque position of the last message received; the stream resumes right after it.
+    Empty: live events only. Too old, malformed or from another epoch: one RESET first.
+    """
+
+    topics: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Receive only published events with one of these topics (events sent to this id
+    always arrive). Empty: every topic.
+    """
+
+    heartbeat_ms: "int" = betterproto2.field(4, betterproto2.TYPE_UINT32)
+    """
+    Send a HEARTBEAT after this many milliseconds without a message. 0: never.
+    """
+
+    accept_control: "bool" = betterproto2.field(5, betterproto2.TYPE_BOOL)
+    """
+    The client understands HEARTBEAT and RESET messages. Implied by resume_token or
+    heartbeat_ms; without any of the three the stream carries DATA messages only.
+    """
 
 
 default_message_pool.register_message("longlived", "Request", Request)
@@ -35,6 +80,28 @@ default_message_pool.register_message("longlived", "Request", Request)
 @dataclass(eq=False, repr=False)
 class Response(betterproto2.Message):
     data: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The event payload (DATA) or the reason (RESET).
+    """
+
+    seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+    """
+    Position of this message within the server's epoch.
+    """
+
+    token: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Opaque position to resume after this message.
+    """
+
+    kind: "ResponseKind" = betterproto2.field(
+        4, betterproto2.TYPE_ENUM, default_factory=lambda: ResponseKind(0)
+    )
+
+    topic: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    The topic the event was published on ("" for events sent to one id).
+    """
 
 
 default_message_pool.register_message("longlived", "Response", Response)
@@ -43,7 +110,8 @@ default_message_pool.register_message("longlived", "Response", Response)
 class LonglivedStub(betterproto2_grpclib.ServiceStub):
     """
     The subscription service. Wire-compatible with the original `protos.Longlived`:
-    field numbers 1 are the original's and keep their meaning.
+    field numbers 1 are the original's and keep their meaning; everything after them is
+    opt-in, so a client that sends only `id` gets exactly the original behaviour.
     """
 
     async def subscribe(
@@ -93,7 +161,8 @@ class LonglivedStub(betterproto2_grpclib.ServiceStub):
 class LonglivedBase(betterproto2_grpclib.ServiceBase):
     """
     The subscription service. Wire-compatible with the original `protos.Longlived`:
-    field numbers 1 are the original's and keep their meaning.
+    field numbers 1 are the original's and keep their meaning; everything after them is
+    opt-in, so a client that sends only `id` gets exactly the original behaviour.
     """
 
     async def subscribe(self, message: "Request") -> "AsyncIterator[Response]":
