@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
 from longlived.client import ResilientClient
-from longlived.errors import LonglivedError
+from longlived.errors import LonglivedError, ResumeExpired
 from longlived.server import SubscriptionManager
 from longlived.settings import Settings, format_validation_error
 
@@ -75,8 +75,14 @@ async def run_clients(settings: Settings, stop: asyncio.Event) -> None:
     async def one(id: int) -> None:
         try:
             async with ResilientClient(id, settings=settings) as client:
-                async for response in client:
-                    log.info('Client ID %d got response: "%s"', id, response.data)
+                while True:
+                    try:
+                        async for response in client:
+                            log.info('Client ID %d got response: "%s"', id, response.data)
+                        return
+                    except ResumeExpired as exc:
+                        # the demo keeps no state to resync: carry on with live events
+                        log.warning("Client ID %d: events lost (%s); continuing", id, exc.reason)
         except LonglivedError as exc:
             log.error("Client ID %d stopped: %s", id, exc)
 

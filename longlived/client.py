@@ -1,19 +1,24 @@
-"""``ResilientClient``: subscribe, receive, back off, resubscribe.
+"""``ResilientClient``: subscribe, receive, back off, resume.
 
-A client holds one subscription id. Iterating it yields the ``Response`` messages the
-server sends; when the stream fails for a reason worth retrying (the server went away,
-the connection broke, the server is shutting down, the subscriber was too slow) it logs
-the failure, waits a jittered backoff delay and subscribes again, for as long as needed.
+A client holds one subscription id and remembers the position (token) of the last message
+it received. Iterating it yields the DATA ``Response`` messages the server sends; when the
+stream fails for a reason worth retrying (the server went away, the connection broke, the
+server is shutting down, the subscriber was too slow, heartbeats stopped) it logs the
+failure, waits a jittered backoff delay and subscribes again with its token, so the server
+replays what it missed: no gap, and duplicates are dropped.
+
 A stream the server ends with OK (``Unsubscribe``, or a newer subscription with the same
-id) ends the iteration; any other status raises ``SubscriptionClosed``.
+id) ends the iteration; a RESET raises ``ResumeExpired`` (resync, then iterate again); any
+other status raises ``SubscriptionClosed``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from types import TracebackType
 from typing import Literal, Self
 
@@ -21,9 +26,10 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from longlived._proto.longlived import Request, Response
+from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived.backoff import Backoff
-from longlived.errors import RetriesExhausted, SubscriptionClosed
+from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed
+from longlived.hub import Position
 from longlived.settings import Settings, parse_address
 
 __all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
@@ -37,21 +43,30 @@ _RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError
 
 
 class ResilientClient:
-    """A subscription that survives server restarts and broken connections.
+    """A subscription that survives server restarts and broken connections without loss.
 
     ::
 
         async with ResilientClient(7, settings=Settings()) as client:
-            async for response in client:
-                print(response.data)
+            while True:
+                try:
+                    async for response in client:
+                        print(response.data)
+                    break  # the server ended the subscription (Unsubscribe)
+                except ResumeExpired:
+                    resync()  # events were lost: rebuild state, then carry on
 
     ``connected`` is set while a stream is open (the server has registered the id);
     ``disconnected`` is set while it is not. Both are ``asyncio.Event`` objects, so apps
-    and tests can wait on them.
+    and tests can wait on them. ``token`` is the position to resume from: persist it to
+    resume in a later process (``resume_token=``).
 
     Args:
         id: the subscriber id sent in every ``Subscribe``.
-        settings: address, backoff, package and timeouts; ``Settings()`` if omitted.
+        settings: address, backoff, package, topics, heartbeat and timeouts.
+        topics: receive only events published on these topics (default
+            ``settings.topics``; empty: all). Events sent to this id always arrive.
+        resume_token: start after this position instead of live.
         rng: randomness for backoff jitter (seed it for determinism).
         sleep: the sleep used between attempts (injected by tests).
         metadata: extra request metadata (for example an ``authorization`` header).
@@ -62,12 +77,15 @@ class ResilientClient:
         id: int,
         *,
         settings: Settings | None = None,
+        topics: Collection[str] | None = None,
+        resume_token: str = "",
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.id = id
         self.settings = settings if settings is not None else Settings()
+        self.topics = list(self.settings.topics if topics is None else topics)
         self.backoff: Backoff = self.settings.backoff.to_backoff()
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
@@ -76,6 +94,10 @@ class ResilientClient:
         """How many times a stream has been opened."""
         self.failures = 0
         """How many attempts have failed in total."""
+        self.duplicates = 0
+        """Messages dropped because they were already delivered."""
+        self._token = resume_token
+        self._position = Position.parse(resume_token)
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
         self._metadata = dict(metadata or {})
@@ -84,12 +106,31 @@ class ResilientClient:
         self._closed = False
 
     @property
+    def token(self) -> str:
+        """Position of the last message received ("" before the first)."""
+        return self._token
+
+    @property
     def package(self) -> Literal["longlived", "protos"]:
         """Proto package of the paths called (``protos`` for the original Go server)."""
         return self.settings.package
 
+    @property
+    def heartbeat(self) -> float:
+        """Heartbeat period asked of the server, seconds (0: none)."""
+        return self.settings.heartbeat.interval
+
     def _path(self, method: str) -> str:
         return f"/{self.package}.Longlived/{method}"
+
+    def _request(self) -> Request:
+        return Request(
+            id=self.id,
+            resume_token=self._token,
+            topics=self.topics,
+            heartbeat_ms=round(self.heartbeat * 1000),
+            accept_control=True,
+        )
 
     def _get_channel(self) -> Channel:
         if self._channel is None:
@@ -108,16 +149,26 @@ class ResilientClient:
         if self._closed:
             raise RuntimeError("client is closed")
         if self._iterator is None:
+            # the first iteration, or the previous one ended (RESET, unsubscribe): start anew
             self._iterator = self._messages()
         return self._iterator
 
     async def _messages(self) -> AsyncGenerator[Response, None]:
+        try:
+            async with contextlib.aclosing(self._attempts()) as attempts:
+                async for response in attempts:
+                    yield response
+        finally:
+            self._iterator = None
+
+    async def _attempts(self) -> AsyncGenerator[Response, None]:
         attempt = 0
         while True:
             try:
-                async for response in self._stream_once():
-                    attempt = 0  # a stream that delivers resets the backoff
-                    yield response
+                async with contextlib.aclosing(self._stream_once()) as stream:
+                    async for response in stream:
+                        attempt = 0  # a stream that delivers resets the backoff
+                        yield response
                 log.info("Client ID %d: the server ended the subscription", self.id)
                 return
             except GRPCError as exc:
@@ -140,22 +191,52 @@ class ResilientClient:
 
     async def _stream_once(self) -> AsyncGenerator[Response, None]:
         channel = self._get_channel()
+        silence = self.heartbeat * self.settings.heartbeat.misses or None
         async with channel.request(
-            self._path("Subscribe"),
-            Cardinality.UNARY_STREAM,
-            Request,
-            Response,
+            self._path("Subscribe"), Cardinality.UNARY_STREAM, Request, Response,
             metadata=self._metadata or None,
-        ) as stream:
+        ) as stream:  # fmt: skip
             async with asyncio.timeout(self.settings.connect_timeout):
-                await stream.send_message(Request(id=self.id), end=True)
+                await stream.send_message(self._request(), end=True)
                 await stream.recv_initial_metadata()
             self._set_connected(True)
             try:
-                async for response in stream:
-                    yield response
+                while True:
+                    async with asyncio.timeout(silence):
+                        response = await stream.recv_message()
+                    if response is None:
+                        return
+                    if self._accept(response):
+                        yield response
+            except TimeoutError:
+                log.warning("Client ID %d: no message for %.1fs: stream is dead", self.id, silence)
+                raise
             finally:
                 self._set_connected(False)
+
+    def _accept(self, response: Response) -> bool:
+        """Track the position; True if ``response`` is new DATA for the app."""
+        if response.kind == ResponseKind.RESET:
+            self._move_to(response)
+            log.warning("Client ID %d: RESET from the server: %s", self.id, response.data)
+            raise ResumeExpired(response.token, response.data)
+        position = Position.parse(response.token)
+        if (
+            position is not None
+            and self._position is not None
+            and position.epoch == self._position.epoch
+            and position.seq <= self._position.seq
+        ):
+            if response.kind == ResponseKind.DATA:
+                self.duplicates += 1
+            return False
+        self._move_to(response)
+        return response.kind == ResponseKind.DATA
+
+    def _move_to(self, response: Response) -> None:
+        if response.token:  # the original server sends no positions
+            self._token = response.token
+            self._position = Position.parse(response.token)
 
     def _set_connected(self, up: bool) -> None:
         if up:
@@ -177,16 +258,15 @@ class ResilientClient:
         """
         channel = self._get_channel()
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                async with channel.request(
-                    self._path("Unsubscribe"),
-                    Cardinality.UNARY_UNARY,
-                    Request,
-                    Response,
+            async with (
+                asyncio.timeout(self.settings.connect_timeout),
+                channel.request(
+                    self._path("Unsubscribe"), Cardinality.UNARY_UNARY, Request, Response,
                     metadata=self._metadata or None,
-                ) as stream:
-                    await stream.send_message(Request(id=self.id), end=True)
-                    response = await stream.recv_message()
+                ) as stream,
+            ):  # fmt: skip
+                await stream.send_message(Request(id=self.id), end=True)
+                response = await stream.recv_message()
         except GRPCError as exc:
             raise SubscriptionClosed(exc.status.name, exc.message) from exc
         assert response is not None
@@ -195,8 +275,9 @@ class ResilientClient:
     async def aclose(self) -> None:
         """Stop receiving and close the connection. Idempotent."""
         self._closed = True
-        if self._iterator is not None:
-            await self._iterator.aclose()
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            await iterator.aclose()
         self._drop_channel()
 
     async def __aenter__(self) -> Self:

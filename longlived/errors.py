@@ -5,6 +5,7 @@
     LonglivedError
     ├── ConfigError          invalid settings (names the variable and what is allowed)
     ├── SubscriptionClosed   the server ended the stream with a status that is not retried
+    ├── ResumeExpired        the server could not resume: events were lost, resync (RESET)
     └── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "LonglivedError",
+    "ResumeExpired",
     "RetriesExhausted",
     "SubscriptionClosed",
 ]
@@ -38,6 +40,25 @@ class SubscriptionClosed(LonglivedError):
         self.status = status
         self.detail = detail
         super().__init__(f"{status}: {detail}" if detail else status)
+
+
+class ResumeExpired(LonglivedError):
+    """The server sent RESET: events this subscriber should have received are gone.
+
+    The resume position was older than the server's history, malformed or from before a
+    server restart, or events were dropped because the subscriber was too slow (``drop``
+    policy). The app must resync its state (re-read whatever the events describe), then
+    iterate the client again: it carries on from ``token`` with live events.
+
+    Attributes:
+        token: the position the subscription continues from.
+        reason: why the server could not deliver the missed events.
+    """
+
+    def __init__(self, token: str, reason: str) -> None:
+        self.token = token
+        self.reason = reason
+        super().__init__(f"resync needed: {reason}")
 
 
 class RetriesExhausted(LonglivedError):

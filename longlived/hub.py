@@ -1,9 +1,18 @@
-"""The event core: subscribers, their bounded queues, and fan-out.
+"""The event core: positions, the replay history, subscribers and their bounded queues.
 
-The hub knows nothing of gRPC. It holds one ``Subscriber`` per id; each has a bounded queue
-of already-encoded messages (bytes), so an event is encoded once and the same bytes go to
-every subscriber. Putting into a queue never waits: a subscriber whose queue is full is
-ended as too slow, and nobody else notices.
+The hub knows nothing of gRPC. Every event gets a position ``(epoch, seq)``: ``seq`` grows
+by one per event, ``epoch`` is random per hub, so positions from a previous server run are
+recognised as foreign. The last ``history_size`` events are kept (encoded, shared by every
+subscriber) so a subscriber that resumes after a position gets exactly the events it missed.
+
+Each subscriber has a bounded queue of already-encoded messages: an event is encoded once
+and the same bytes go to every subscriber. Putting into a queue never waits. When a queue
+overflows, the ``disconnect`` policy ends that subscriber (it resumes from its position and
+catches up from the history); the ``drop`` policy discards what was queued and marks the gap
+with a RESET message.
+
+Registration, replay and publishing are synchronous, so no event can slip between a
+subscriber's replay and its live events: no gap and no duplicate.
 """
 
 from __future__ import annotations
@@ -11,12 +20,75 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["EndReason", "Hub", "Subscriber"]
+__all__ = [
+    "EndReason",
+    "Event",
+    "Hub",
+    "Kind",
+    "Position",
+    "Subscriber",
+]
 
 log = logging.getLogger(__name__)
+
+
+class Kind(enum.IntEnum):
+    """Message kinds; the values are the wire's ``Response.Kind``."""
+
+    DATA = 0
+    HEARTBEAT = 1
+    RESET = 2
+
+
+Encoder = Callable[[Kind, "Position", str, str], bytes]
+"""``encode(kind, position, data, topic) -> bytes``: one wire message."""
+
+Policy = Literal["disconnect", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an event sits: an epoch (one per hub lifetime) and a sequence number."""
+
+    epoch: str
+    seq: int
+
+    @property
+    def token(self) -> str:
+        """The opaque resume token for this position."""
+        return f"{self.epoch}:{self.seq}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position | None:
+        """The position a token names, or None if it is malformed."""
+        epoch, sep, seq = token.partition(":")
+        if not sep or not epoch or not seq.isdigit() or len(seq) > 20:
+            return None
+        return cls(epoch, int(seq))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One emitted event, as kept in the history."""
+
+    seq: int
+    topic: str
+    target: int | None
+    """The one subscriber id it is for (``send``), or None for every match (``publish``)."""
+    message: bytes
+    """The encoded DATA message."""
+
+    def matches(self, id: int, topics: Collection[str]) -> bool:
+        """Whether the subscriber ``id`` with ``topics`` receives this event."""
+        if self.target is not None:
+            return self.target == id
+        return not topics or self.topic in topics
 
 
 class EndReason(enum.Enum):
@@ -27,23 +99,39 @@ class EndReason(enum.Enum):
     REPLACED = "replaced"
     """A newer ``Subscribe`` with the same id took its place."""
     TOO_SLOW = "subscriber too slow"
-    """Its queue overflowed."""
+    """Its queue overflowed (``disconnect`` policy)."""
     SHUTDOWN = "server shutting down"
     """The server is closing."""
 
 
 class Subscriber:
-    """One open subscription: an id, a bounded queue of encoded messages, an end reason."""
+    """One open subscription: id, topics, a bounded queue of encoded messages, an end."""
 
-    __slots__ = ("_queue", "_wake", "end_reason", "ended", "id", "limit")
+    __slots__ = (
+        "_allowance",
+        "_queue",
+        "_wake",
+        "control",
+        "end_reason",
+        "ended",
+        "id",
+        "limit",
+        "topics",
+    )
 
-    def __init__(self, id: int, *, limit: int) -> None:
+    def __init__(
+        self, id: int, *, limit: int, topics: Collection[str] = (), control: bool = False
+    ) -> None:
         self.id = id
         self.limit = limit
+        self.topics = frozenset(topics)
+        self.control = control
+        """The peer understands HEARTBEAT and RESET messages."""
         self.end_reason: EndReason | None = None
         self.ended = asyncio.Event()
         """Set once the subscription has ended (a writer blocked on the peer can race it)."""
         self._queue: deque[bytes] = deque()
+        self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -54,47 +142,86 @@ class Subscriber:
         """Messages waiting to be written."""
         return len(self._queue)
 
-    def offer(self, message: bytes) -> bool:
-        """Queue ``message`` without waiting; False if ended or (now) too slow."""
-        if self.end_reason is not None:
-            return False
-        if len(self._queue) >= self.limit:
-            self.end(EndReason.TOO_SLOW)
-            return False
+    def full(self) -> bool:
+        """Whether one more live message would overflow the queue."""
+        return len(self._queue) >= self.limit + self._allowance
+
+    def put(self, message: bytes) -> None:
+        """Queue ``message`` (the caller checked ``full()``)."""
         self._queue.append(message)
         self._wake.set()
-        return True
+
+    def replay(self, messages: list[bytes]) -> None:
+        """Queue missed messages ahead of live ones, beyond the live bound."""
+        self._queue.extend(messages)
+        self._allowance = len(messages)
+        self._wake.set()
+
+    def drop_all(self) -> None:
+        """Discard everything queued."""
+        self._queue.clear()
+        self._allowance = 0
 
     def end(self, reason: EndReason) -> None:
         """End the subscription; the first reason wins."""
         if self.end_reason is None:
             self.end_reason = reason
             if reason is not EndReason.UNSUBSCRIBED:
-                self._queue.clear()
+                self.drop_all()
             self.ended.set()
             self._wake.set()
 
-    async def take(self) -> list[bytes]:
-        """Wait for queued messages and take them all; ``[]`` once the subscription ended."""
+    async def take(self, idle: float | None = None) -> list[bytes] | None:
+        """Wait for queued messages and take them all.
+
+        Returns None once the subscription has ended and its queue is empty, and ``[]``
+        when ``idle`` seconds pass with nothing queued (time for a heartbeat).
+        """
         while not self._queue:
             if self.end_reason is not None:
-                return []
+                return None
             self._wake.clear()
-            await self._wake.wait()
+            if idle is None:
+                await self._wake.wait()
+                continue
+            try:
+                async with asyncio.timeout(idle):
+                    await self._wake.wait()
+            except TimeoutError:
+                if not self._queue and self.end_reason is None:
+                    return []
         batch = list(self._queue)
         self._queue.clear()
+        self._allowance = max(0, self._allowance - len(batch))
         return batch
 
 
 class Hub:
-    """All current subscribers by id, and the operations that reach them.
+    """All current subscribers by id, the recent history, and the operations that reach them.
 
     Args:
-        queue_size: bound of each subscriber's queue (messages).
+        encode: turns ``(kind, position, data, topic)`` into one wire message.
+        queue_size: live messages a subscriber may have queued before it is too slow.
+        history_size: events kept for resuming subscribers.
+        policy: what an overflowing queue does: ``disconnect`` or ``drop``.
+        epoch: this hub's epoch (random if omitted).
     """
 
-    def __init__(self, *, queue_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        encode: Encoder,
+        queue_size: int,
+        history_size: int,
+        policy: Policy = "disconnect",
+        epoch: str | None = None,
+    ) -> None:
         self.queue_size = queue_size
+        self.policy: Policy = policy
+        self.epoch = epoch if epoch is not None else secrets.token_hex(8)
+        self._encode = encode
+        self._seq = 0
+        self._history: deque[Event] = deque(maxlen=history_size)
         self._subscribers: dict[int, Subscriber] = {}
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
@@ -102,13 +229,18 @@ class Hub:
     def __len__(self) -> int:
         return len(self._subscribers)
 
+    def __contains__(self, id: object) -> bool:
+        return id in self._subscribers
+
+    @property
+    def head(self) -> Position:
+        """The position of the newest event (seq 0 before the first)."""
+        return Position(self.epoch, self._seq)
+
     @property
     def open_streams(self) -> int:
         """Registered subscribers not yet released, ended ones still finishing included."""
         return len(self._open)
-
-    def __contains__(self, id: object) -> bool:
-        return id in self._subscribers
 
     def ids(self) -> list[int]:
         """The ids subscribed right now (a copy)."""
@@ -118,16 +250,54 @@ class Hub:
         """The current subscriber for ``id``, if any."""
         return self._subscribers.get(id)
 
-    def register(self, id: int) -> Subscriber:
-        """Add a subscriber for ``id``, ending (as replaced) any previous one."""
+    # --------------------------------------------------------------- subscribing
+
+    def register(
+        self,
+        id: int,
+        *,
+        topics: Collection[str] = (),
+        resume: str = "",
+        control: bool = False,
+    ) -> Subscriber:
+        """Add a subscriber for ``id``, ending (as replaced) any previous one.
+
+        With a ``resume`` token, the events after it that this subscriber would have
+        received are queued first; a token that cannot be honoured queues one RESET instead.
+        """
         old = self._subscribers.get(id)
         if old is not None:
             self._end(old, EndReason.REPLACED)
-        sub = Subscriber(id, limit=self.queue_size)
+        sub = Subscriber(id, limit=self.queue_size, topics=topics, control=control or bool(resume))
+        if resume:
+            missed = self._missed(id, sub.topics, resume)
+            if isinstance(missed, str):
+                log.info("Subscriber %d cannot resume from %r (%s): RESET", id, resume, missed)
+                sub.replay([self._encode(Kind.RESET, self.head, missed, "")])
+            else:
+                sub.replay(missed)
         self._subscribers[id] = sub
         self._open.add(sub)
         self._notify()
         return sub
+
+    def _missed(self, id: int, topics: Collection[str], token: str) -> list[bytes] | str:
+        """The messages after ``token`` for this subscriber, or why there is no such list."""
+        position = Position.parse(token)
+        if position is None:
+            return "malformed resume token"
+        if position.epoch != self.epoch:
+            return "resume token from another epoch (the server restarted)"
+        if position.seq > self._seq:
+            return "resume token from the future"
+        oldest = self._history[0].seq if self._history else self._seq + 1
+        if position.seq < oldest - 1:
+            return "resume token older than the retained history"
+        return [
+            event.message
+            for event in self._history
+            if event.seq > position.seq and event.matches(id, topics)
+        ]
 
     def release(self, sub: Subscriber) -> None:
         """The stream of ``sub`` has finished: forget it (never touches a newer subscriber)."""
@@ -157,30 +327,54 @@ class Hub:
             del self._subscribers[sub.id]
             self._notify()
 
-    def send(self, id: int, message: bytes) -> bool:
-        """Queue ``message`` for ``id``; False if no such subscriber or it is too slow."""
+    # ----------------------------------------------------------------- emitting
+
+    def publish(self, data: str, *, topic: str = "") -> Position:
+        """Emit ``data`` to every subscriber whose topics match; returns its position."""
+        event = self._emit(data, topic, None)
+        for sub in list(self._subscribers.values()):
+            if not sub.topics or topic in sub.topics:
+                self._offer(sub, event)
+        return self.head
+
+    def send(self, id: int, data: str) -> Position:
+        """Emit ``data`` to subscriber ``id`` only (kept for its resume even if absent now)."""
+        event = self._emit(data, "", id)
         sub = self._subscribers.get(id)
-        return sub is not None and self._offer(sub, message)
+        if sub is not None:
+            self._offer(sub, event)
+        return self.head
 
-    def publish(self, message: bytes, ids: Iterable[int] | None = None) -> int:
-        """Queue ``message`` for every subscriber (or those in ``ids``); returns how many."""
-        targets = (
-            self._subscribers.values()
-            if ids is None
-            else (sub for i in ids if (sub := self._subscribers.get(i)) is not None)
-        )
-        return sum(self._offer(sub, message) for sub in list(targets))
+    def _emit(self, data: str, topic: str, target: int | None) -> Event:
+        self._seq += 1
+        message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic)
+        event = Event(self._seq, topic, target, message)
+        self._history.append(event)
+        return event
 
-    def _offer(self, sub: Subscriber, message: bytes) -> bool:
+    def _offer(self, sub: Subscriber, event: Event) -> None:
         if sub.end_reason is not None:
-            return False
-        if sub.offer(message):
-            return True
-        self._end(sub, EndReason.TOO_SLOW)
-        log.warning(
-            "Subscriber %d is too slow (%d messages queued): ending its stream", sub.id, sub.limit
-        )
-        return False
+            return
+        if not sub.full():
+            sub.put(event.message)
+            return
+        if self.policy == "disconnect":
+            log.warning("Subscriber %d is too slow (%d messages queued): ending its stream",
+                        sub.id, sub.queued)  # fmt: skip
+            self._end(sub, EndReason.TOO_SLOW)
+            return
+        log.warning("Subscriber %d is too slow (%d messages queued): dropping them",
+                    sub.id, sub.queued)  # fmt: skip
+        sub.drop_all()
+        if sub.control:
+            position = Position(self.epoch, event.seq)
+            sub.put(self._encode(Kind.RESET, position, "subscriber too slow: events dropped", ""))
+
+    def heartbeat(self) -> bytes:
+        """A HEARTBEAT message carrying the current head position."""
+        return self._encode(Kind.HEARTBEAT, self.head, "", "")
+
+    # ---------------------------------------------------------------- observing
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is re-checked whenever subscribers change.

@@ -19,8 +19,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived._grpc import GrpcServer, end_stream, wait_for_room
-from longlived._proto.longlived import LonglivedBase, Request, Response
-from longlived.hub import EndReason, Hub
+from longlived._proto.longlived import LonglivedBase, Request, Response, ResponseKind
+from longlived.hub import EndReason, Hub, Kind, Position
 from longlived.settings import Settings
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     import grpclib.server
 
-__all__ = ["PACKAGES", "SubscriptionManager"]
+__all__ = ["PACKAGES", "SubscriptionManager", "encode_message"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,12 @@ class SubscriptionManager(LonglivedBase):
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
-        self.hub = Hub(queue_size=self.settings.queue.size)
+        self.hub = Hub(
+            encode=encode_message,
+            queue_size=self.settings.queue.size,
+            history_size=self.settings.replay.size,
+            policy=self.settings.queue.policy,
+        )
         self._sleep = sleep
         self._server: GrpcServer | None = None
         self._source: asyncio.Task[None] | None = None
@@ -85,17 +90,20 @@ class SubscriptionManager(LonglivedBase):
         """Ids with an open subscription right now."""
         return self.hub.ids()
 
-    def send(self, id: int, data: str) -> bool:
-        """Send ``data`` to subscriber ``id`` only; False if it is not subscribed."""
-        return self.hub.send(id, self.encode(data))
+    def send(self, id: int, data: str) -> Position:
+        """Send ``data`` to subscriber ``id`` only; returns the event's position.
 
-    def publish(self, data: str) -> int:
-        """Send ``data`` to every subscriber; returns how many it was queued for."""
-        return self.hub.publish(self.encode(data))
+        The event is kept in the history even if ``id`` is not subscribed right now, so a
+        subscriber resuming as ``id`` still receives it.
+        """
+        return self.hub.send(id, data)
 
-    def encode(self, data: str) -> bytes:
-        """Encode one event as the wire ``Response`` (done once per event, not per subscriber)."""
-        return bytes(Response(data=data))
+    def publish(self, data: str, *, topic: str = "") -> Position:
+        """Send ``data`` to every subscriber whose topics match; returns its position.
+
+        The event is encoded once; the same bytes go to every subscriber.
+        """
+        return self.hub.publish(data, topic=topic)
 
     async def event_source(self) -> None:
         """Produce events until cancelled. Override it to feed your own.
@@ -223,12 +231,23 @@ class SubscriptionManager(LonglivedBase):
         if self._closing:
             raise GRPCError(Status.UNAVAILABLE, "server shutting down")
         id = request.id
+        _check_topics(request.topics)
         log.info("Received subscribe request from ID: %d", id)
-        sub = self.hub.register(id)
+        heartbeat = (
+            max(request.heartbeat_ms / 1000, self.settings.heartbeat.min_interval)
+            if request.heartbeat_ms
+            else None
+        )
+        sub = self.hub.register(
+            id,
+            topics=request.topics,
+            resume=request.resume_token,
+            control=request.accept_control or heartbeat is not None,
+        )
         try:
             await stream.send_initial_metadata()
-            while batch := await sub.take():
-                for message in batch:
+            while (batch := await sub.take(idle=heartbeat)) is not None:
+                for message in batch or [self.hub.heartbeat()]:
                     if not await wait_for_room(stream, len(message) + 5, sub.ended):
                         break
                     await stream.send_message(message)
@@ -268,15 +287,51 @@ class SubscriptionManager(LonglivedBase):
         return Response()
 
     async def subscribe(self, message: Request) -> AsyncGenerator[Response, None]:
-        """In-process subscription: yields the events ``message.id`` receives.
+        """In-process subscription: yields what the subscriber ``message.id`` would receive.
 
         The wire path does not go through this method (it streams pre-encoded bytes); it is
         for code in the same process. Close it (``contextlib.aclosing``) to unsubscribe.
         """
-        sub = self.hub.register(message.id)
+        _check_topics(message.topics)
+        sub = self.hub.register(
+            message.id,
+            topics=message.topics,
+            resume=message.resume_token,
+            control=message.accept_control,
+        )
         try:
             while batch := await sub.take():
                 for data in batch:
                     yield Response.FromString(data)
         finally:
             self.hub.release(sub)
+
+
+MAX_TOPICS = 256
+MAX_TOPIC_LENGTH = 256
+
+
+def _check_topics(topics: list[str]) -> None:
+    if len(topics) > MAX_TOPICS:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT, f"too many topics: {len(topics)} (at most {MAX_TOPICS})"
+        )
+    for topic in topics:
+        if not 0 < len(topic) <= MAX_TOPIC_LENGTH:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"topic {topic[:40]!r} must be 1-{MAX_TOPIC_LENGTH} characters long",
+            )
+
+
+def encode_message(kind: Kind, position: Position, data: str, topic: str) -> bytes:
+    """One wire ``Response``: DATA, HEARTBEAT or RESET at ``position``."""
+    return bytes(
+        Response(
+            data=data,
+            seq=position.seq,
+            token=position.token,
+            kind=ResponseKind(kind.value),
+            topic=topic,
+        )
+    )

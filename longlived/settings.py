@@ -20,7 +20,9 @@ from longlived.errors import ConfigError
 __all__ = [
     "ENV_PREFIX",
     "BackoffSettings",
+    "HeartbeatSettings",
     "QueueSettings",
+    "ReplaySettings",
     "Settings",
     "format_validation_error",
     "load_settings",
@@ -86,11 +88,41 @@ class QueueSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(
-        1024,
-        ge=1,
-        le=1_000_000,
-        description="encoded messages a subscriber may have queued before it counts as too slow",
+        1024, ge=1, le=1_000_000,
+        description="live messages a subscriber may have queued before it counts as too slow",
+    )  # fmt: skip
+    policy: Literal["disconnect", "drop"] = Field(
+        "disconnect",
+        description="a full queue: `disconnect` ends the stream (RESOURCE_EXHAUSTED; the client "
+        "resumes from history), `drop` discards the queue and sends RESET",
     )
+
+
+class ReplaySettings(BaseModel):
+    """The in-memory history that resuming subscribers catch up from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(10_000, ge=0, le=10_000_000, description="events kept for resuming")
+
+
+class HeartbeatSettings(BaseModel):
+    """Heartbeats on idle streams (opt-in per subscription)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval: float = Field(
+        0.0, ge=0, le=3600,
+        description="client: ask for a heartbeat after this many idle seconds (0 = none)",
+    )  # fmt: skip
+    misses: float = Field(
+        3.0, ge=1, le=100,
+        description="client: a stream silent for misses x interval counts as dead",
+    )  # fmt: skip
+    min_interval: float = Field(
+        0.05, gt=0, le=3600,
+        description="server: shortest heartbeat period it grants a client, seconds",
+    )  # fmt: skip
 
 
 class Settings(BaseSettings):
@@ -148,8 +180,14 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level of the CLI"
     )
+    topics: list[str] = Field(
+        default_factory=list,
+        description="client: receive only events published on these topics (empty = all)",
+    )
     backoff: BackoffSettings = Field(default_factory=BackoffSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
 
     @property
     def host(self) -> str:

@@ -18,6 +18,7 @@ from longlived import (
     Request,
     ResilientClient,
     Response,
+    ResumeExpired,
     RetriesExhausted,
     Settings,
     SubscriptionClosed,
@@ -73,20 +74,26 @@ async def test_resubscribes_after_server_restart(
     first = SubscriptionManager(settings)
     await first.start(sock=listener)
     async with ResilientClient(1, settings=settings) as client:
-        iterator = aiter(client)
         async with asyncio.timeout(TIMEOUT):
-            assert (await anext(iterator)).data == "data mock for: 1"
-            receiving = asyncio.ensure_future(anext(iterator))
+            assert (await anext(aiter(client))).data == "data mock for: 1"
+            before = client.token
+            receiving = asyncio.ensure_future(anext(aiter(client)))
             await first.close()
             await client.disconnected.wait()
             second = SubscriptionManager(settings)
             await second.start(sock=rebind(port))
             try:
-                await client.connected.wait()
-                assert (await receiving).data == "data mock for: 1"
+                # the new server has a new epoch: the old position means nothing to it
+                with pytest.raises(ResumeExpired) as info:
+                    await receiving
+                assert "another epoch" in info.value.reason
+                assert client.token == info.value.token != before
+                # iterating again carries on from the new position
+                assert (await anext(aiter(client))).data == "data mock for: 1"
+                assert client.connected.is_set()
             finally:
                 await second.close()
-        assert client.connections == 2
+        assert client.connections == 3
         assert client.failures >= 1
 
 

@@ -1,14 +1,45 @@
-"""The hub alone: queues, replacement, overflow, ending."""
+"""The hub alone: positions, history, replay, queues, replacement, overflow."""
 
 from __future__ import annotations
 
 import asyncio
 
-from longlived import EndReason, Hub
+import pytest
+
+from longlived import EndReason, Hub, Kind, Position, Response, ResponseKind
+from longlived.hub import Policy
+from longlived.server import encode_message
+
+
+def make_hub(
+    *, queue_size: int = 100, history_size: int = 100, policy: Policy = "disconnect"
+) -> Hub:
+    return Hub(
+        encode=encode_message,
+        queue_size=queue_size,
+        history_size=history_size,
+        policy=policy,
+        epoch="e1",
+    )
+
+
+def decode(messages: list[bytes] | None) -> list[tuple[ResponseKind, str, int]]:
+    assert messages is not None
+    return [(r.kind, r.data, r.seq) for r in map(Response.FromString, messages)]
+
+
+DATA, RESET = ResponseKind.DATA, ResponseKind.RESET
+
+
+def test_positions_and_tokens_round_trip() -> None:
+    position = Position("abc", 42)
+    assert Position.parse(position.token) == position
+    for bad in ["", "abc", "abc:", ":1", "abc:-1", "abc:x", "abc:" + "9" * 30]:
+        assert Position.parse(bad) is None
 
 
 async def test_register_replaces_and_release_never_removes_the_newer() -> None:
-    hub = Hub(queue_size=4)
+    hub = make_hub()
     old = hub.register(1)
     new = hub.register(1)
     assert old.end_reason is EndReason.REPLACED
@@ -21,52 +52,165 @@ async def test_register_replaces_and_release_never_removes_the_newer() -> None:
     assert hub.open_streams == 0
 
 
-async def test_overflow_ends_only_the_slow_subscriber() -> None:
-    hub = Hub(queue_size=2)
+async def test_events_are_encoded_once_with_their_position() -> None:
+    hub = make_hub()
+    one, two = hub.register(1), hub.register(2)
+    position = hub.publish("hello", topic="news")
+    assert position == Position("e1", 1) == hub.head
+    first, second = await one.take(), await two.take()
+    assert first is not None
+    assert second is not None
+    assert first == second
+    assert first[0] is second[0]  # the very same bytes object
+    response = Response.FromString(first[0])
+    assert (response.data, response.seq, response.token, response.topic) == (
+        "hello",
+        1,
+        "e1:1",
+        "news",
+    )
+
+
+async def test_topics_filter_and_send_reaches_one_id() -> None:
+    hub = make_hub()
+    news, all_topics = hub.register(1, topics=["news"]), hub.register(2)
+    hub.publish("a", topic="news")
+    hub.publish("b", topic="sport")
+    hub.send(1, "for one")
+    hub.send(2, "for two")
+    assert decode(await news.take()) == [(DATA, "a", 1), (DATA, "for one", 3)]
+    assert decode(await all_topics.take()) == [(DATA, "a", 1), (DATA, "b", 2), (DATA, "for two", 4)]
+
+
+async def test_resume_replays_exactly_what_was_missed() -> None:
+    hub = make_hub()
+    for n in range(1, 6):
+        hub.publish(f"e{n}", topic="even" if n % 2 == 0 else "odd")
+    hub.send(9, "for nine")  # seq 6
+    hub.send(8, "for eight")  # seq 7
+    sub = hub.register(9, topics=["odd"], resume="e1:2")
+    hub.publish("e8", topic="odd")  # live, after the replay
+    assert decode(await sub.take()) == [
+        (DATA, "e3", 3),
+        (DATA, "e5", 5),
+        (DATA, "for nine", 6),
+        (DATA, "e8", 8),
+    ]
+
+
+async def test_resume_at_head_replays_nothing() -> None:
+    hub = make_hub()
+    hub.publish("x")
+    sub = hub.register(1, resume=hub.head.token)
+    assert sub.queued == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("garbage", "malformed"),
+        ("other:1", "another epoch"),
+        ("e1:99", "future"),
+        ("e1:1", "older than the retained history"),
+    ],
+)
+async def test_unusable_resume_token_gets_one_reset_then_live(token: str, reason: str) -> None:
+    hub = make_hub(history_size=3)
+    for n in range(6):
+        hub.publish(f"e{n}")
+    sub = hub.register(1, resume=token)
+    hub.publish("live")
+    messages = decode(await sub.take())
+    assert messages[0][0] is RESET
+    assert reason in messages[0][1]
+    assert messages[0][2] == 6  # the position it continues from
+    assert messages[1:] == [(DATA, "live", 7)]
+
+
+async def test_resume_from_just_before_the_oldest_retained_event_works() -> None:
+    hub = make_hub(history_size=3)
+    for n in range(1, 7):
+        hub.publish(f"e{n}")
+    sub = hub.register(1, resume="e1:3")  # 4, 5, 6 are retained
+    assert decode(await sub.take()) == [(DATA, "e4", 4), (DATA, "e5", 5), (DATA, "e6", 6)]
+
+
+async def test_disconnect_policy_ends_only_the_slow_subscriber() -> None:
+    hub = make_hub(queue_size=2)
     slow, fast = hub.register(1), hub.register(2)
     for n in range(3):
-        assert hub.publish(f"{n}".encode()) >= 1
-        assert await fast.take() == [f"{n}".encode()]
+        hub.publish(f"{n}")
+        assert decode(await fast.take()) == [(DATA, f"{n}", n + 1)]
     assert slow.end_reason is EndReason.TOO_SLOW
     assert slow.queued == 0  # its memory is released at once
     assert hub.ids() == [2]
-    assert await slow.take() == []
+    assert await slow.take() is None
+
+
+async def test_drop_policy_discards_and_marks_the_gap_with_reset() -> None:
+    hub = make_hub(queue_size=2, policy="drop")
+    slow = hub.register(1, control=True)
+    seed = hub.register(2)  # an original-style subscriber never sees RESET
+    for n in range(1, 5):
+        hub.publish(f"e{n}")
+    assert slow.end_reason is None
+    assert decode(await slow.take()) == [
+        (RESET, "subscriber too slow: events dropped", 3),
+        (DATA, "e4", 4),
+    ]
+    assert decode(await seed.take()) == [(DATA, "e4", 4)]
+
+
+async def test_replay_does_not_count_against_the_live_bound() -> None:
+    hub = make_hub(queue_size=2, history_size=100)
+    for n in range(10):
+        hub.publish(f"e{n}")
+    sub = hub.register(1, resume="e1:0")
+    hub.publish("live1")
+    hub.publish("live2")
+    assert sub.end_reason is None
+    messages = decode(await sub.take())
+    assert len(messages) == 12
 
 
 async def test_unsubscribe_delivers_what_was_queued_then_ends() -> None:
-    hub = Hub(queue_size=8)
+    hub = make_hub()
     sub = hub.register(3)
-    hub.send(3, b"a")
-    hub.send(3, b"b")
+    hub.send(3, "a")
+    hub.send(3, "b")
     assert hub.end(3, EndReason.UNSUBSCRIBED)
     assert not hub.end(3, EndReason.UNSUBSCRIBED)
-    assert await sub.take() == [b"a", b"b"]
-    assert await sub.take() == []
+    assert decode(await sub.take()) == [(DATA, "a", 1), (DATA, "b", 2)]
+    assert await sub.take() is None
 
 
-async def test_take_batches_everything_queued() -> None:
-    hub = Hub(queue_size=100)
+async def test_take_batches_and_idle_returns_empty() -> None:
+    hub = make_hub()
     sub = hub.register(1)
+    assert await sub.take(idle=0.01) == []
     waiter = asyncio.ensure_future(sub.take())
     await asyncio.sleep(0)
     assert not waiter.done()
     for n in range(5):
-        hub.send(1, bytes([n]))
+        hub.send(1, f"{n}")
     async with asyncio.timeout(1):
-        assert await waiter == [bytes([n]) for n in range(5)]
+        assert len(await waiter or []) == 5
+
+
+async def test_heartbeat_carries_the_head_position() -> None:
+    hub = make_hub()
+    hub.publish("x")
+    hub.publish("y")
+    beat = Response.FromString(hub.heartbeat())
+    assert (beat.kind, beat.seq, beat.token) == (ResponseKind.HEARTBEAT, 2, "e1:2")
+    assert Kind.HEARTBEAT.value == ResponseKind.HEARTBEAT.value
 
 
 async def test_wait_for_wakes_on_changes() -> None:
-    hub = Hub(queue_size=1)
+    hub = make_hub()
     waiter = asyncio.ensure_future(hub.wait_for(lambda: 5 in hub))
     await asyncio.sleep(0)
     assert not waiter.done()
     hub.register(5)
     async with asyncio.timeout(1):
         await waiter
-
-
-async def test_send_to_unknown_id_is_false() -> None:
-    hub = Hub(queue_size=1)
-    assert not hub.send(1, b"x")
-    assert hub.publish(b"x", ids=[1, 2]) == 0
