@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 
-from longlived import Request, Response, Settings
+from longlived import Request, Response, Settings, SubscriptionManager
 
 Subscription = Stream[Request, Response]
 
@@ -21,13 +21,14 @@ def channel_for(settings: Settings) -> Channel:
 
 @asynccontextmanager
 async def subscription(
-    channel: Channel, id: int, *, package: str = "longlived"
+    channel: Channel, id: int | Request, *, package: str = "longlived"
 ) -> AsyncIterator[Subscription]:
-    """Open ``Subscribe(id)`` and wait until the server has registered it."""
+    """Open ``Subscribe(id)`` (or a full ``Request``) and wait until the server registered it."""
+    request = id if isinstance(id, Request) else Request(id=id)
     async with channel.request(
         f"/{package}.Longlived/Subscribe", Cardinality.UNARY_STREAM, Request, Response
     ) as stream:
-        await stream.send_message(Request(id=id), end=True)
+        await stream.send_message(request, end=True)
         async with asyncio.timeout(5):
             await stream.recv_initial_metadata()
         yield stream
@@ -46,3 +47,12 @@ async def receive(stream: Subscription, count: int, *, timeout: float = 5) -> li
             assert message is not None, f"stream ended after {len(received)} messages"
             received.append(message.data)
     return received
+
+
+def drop_connections(server: SubscriptionManager) -> int:
+    """Abort every client connection under the server, as a network failure would."""
+    assert server._server is not None
+    protocols = list(server._server._protocols)
+    for protocol in protocols:
+        protocol.connection._transport.abort()
+    return len(protocols)
