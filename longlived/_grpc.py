@@ -61,6 +61,10 @@ class _Protocol(H2Protocol):
             self.idle.set()
         super().connection_lost(exc)
 
+    def busy(self) -> bool:
+        """Whether any stream on this connection is open."""
+        return any(stream.open for stream in self.connection._connection.streams.values())
+
     def goaway(self) -> None:
         """Tell the peer no new streams will be accepted, then close the connection."""
         if self.connection.is_closing():
@@ -107,6 +111,10 @@ class GrpcServer(grpclib.server.Server):
     def connections(self) -> int:
         """Open client connections."""
         return len(self._protocols)
+
+    def idle_connections(self) -> list[_Protocol]:
+        """Open connections that carry no stream right now."""
+        return [proto for proto in self._protocols if not proto.busy()]
 
     def goaway_all(self) -> None:
         """Send GOAWAY on and close every open connection."""

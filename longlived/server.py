@@ -163,18 +163,22 @@ class SubscriptionManager(LonglivedBase):
                 self._source.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._source
+            # connections without streams need no grace before GOAWAY
+            idle = self._server.idle_connections() if self._server is not None else []
             self.hub.end_all(EndReason.SHUTDOWN)
             try:
                 async with asyncio.timeout(self.settings.shutdown_timeout):
                     await self.hub.wait_for(lambda: self.hub.open_streams == 0)
             except TimeoutError:
                 log.warning(
-                    "%d subscribers did not end within %.1fs; cancelling them",
-                    len(self.hub),
+                    "%d streams did not end within %.1fs; cancelling them",
+                    self.hub.open_streams,
                     self.settings.shutdown_timeout,
                 )
             if self._server is not None:
                 self._server.close()
+                for connection in idle:
+                    connection.goaway()
                 # Clients that read their final status close their connections themselves;
                 # a GOAWAY arriving with the status would make some clients drop it unread.
                 await self._server.wait_disconnected(
