@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "longlived" / "_proto"
-OPTIONS = "client_generation=async,server_generation=async"
+OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
 def generate(out: Path) -> None:

@@ -1,4 +1,8 @@
-"""grpclib plumbing in one place: the pass-through codec and the server's HTTP/2 settings."""
+"""grpclib plumbing in one place: codec, HTTP/2 settings, keepalive, connection registry.
+
+grpclib exposes keepalive only as private ``Configuration`` fields; ``grpc_config`` is the one
+place that sets them.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,79 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import grpclib.server
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
-from grpclib.protocol import H2Protocol
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import Connection, H2Protocol
 from h2.settings import SettingCodes
 
 if TYPE_CHECKING:
     from grpclib._typing import IServable
-    from grpclib.config import Configuration
 
-__all__ = ["GrpcServer", "PassThroughCodec", "end_stream", "wait_for_room"]
+    from longlived.settings import KeepaliveSettings
+
+__all__ = ["GrpcServer", "PassThroughCodec", "end_stream", "grpc_config", "wait_for_room"]
+
+
+def grpc_config(keepalive: KeepaliveSettings) -> Configuration:
+    """grpclib ``Configuration`` with these keepalive settings (for servers and channels)."""
+    return Configuration(
+        _keepalive_time=keepalive.time,
+        _keepalive_timeout=keepalive.timeout,
+        _keepalive_permit_without_calls=keepalive.permit_without_calls,
+        _http2_max_pings_without_data=keepalive.max_pings_without_data,
+        # grpclib otherwise waits 300 s between pings while no data flows
+        _http2_min_sent_ping_interval_without_data=keepalive.time or 300.0,
+    )
+
 
 log = logging.getLogger(__name__)
 
 
 class PassThroughCodec(CodecBase):
-    """Protobuf codec that sends ``bytes`` as they are, so an event is encoded only once."""
+    """Protobuf codec that sends ``bytes`` as they are, so an event is encoded only once.
+
+    Requests larger than ``max_size`` or that do not parse get a clear status, not a crash.
+    """
 
     __content_subtype__ = "proto"
+
+    def __init__(self, *, max_size: int = 65_536) -> None:
+        self.max_size = max_size
 
     def encode(self, message: Any, message_type: Any) -> bytes:
         if isinstance(message, bytes):
             return message
         if not isinstance(message, message_type):
             raise TypeError(f"Message must be of type {message_type!r}, not {type(message)!r}")
-        return bytes(message)
+        return message.SerializeToString()  # type: ignore[no-any-return]  # any protobuf message
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        return message_type.FromString(data)
+        if len(data) > self.max_size:
+            log.warning("Rejected a %d-byte request (limit %d)", len(data), self.max_size)
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes exceeds the limit of {self.max_size}",
+            )
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:
+            log.warning("Rejected a malformed %s: %s", message_type.__name__, exc)
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+            ) from None
+
+
+class _Connection(Connection):
+    """grpclib's connection, but a close (keepalive timeout) never waits on a frozen peer."""
+
+    def close(self) -> None:
+        # transport.close() flushes first: with a peer that stopped reading it never ends.
+        transport = getattr(self, "_transport", None)
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+        super().close()
 
 
 class _Protocol(H2Protocol):
@@ -47,6 +96,7 @@ class _Protocol(H2Protocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.connection.__class__ = _Connection
         # h2 advertises 100 by default: a client's 101st stream on one connection would hang.
         self.connection._connection.update_settings(
             {SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams}
@@ -82,9 +132,10 @@ class GrpcServer(grpclib.server.Server):
         handlers: Collection[IServable],
         *,
         max_streams: int,
+        max_message_size: int = 65_536,
         config: Configuration | None = None,
     ) -> None:
-        super().__init__(handlers, codec=PassThroughCodec(), config=config)
+        super().__init__(handlers, codec=PassThroughCodec(max_size=max_message_size), config=config)
         self._max_streams = max_streams
         self._protocols: set[_Protocol] = set()
         self._idle = asyncio.Event()

@@ -30,6 +30,7 @@ __all__ = [
     "EndReason",
     "Event",
     "Hub",
+    "HubStats",
     "Kind",
     "Position",
     "Subscriber",
@@ -91,6 +92,20 @@ class Event:
         return not topics or self.topic in topics
 
 
+@dataclass(slots=True)
+class HubStats:
+    """Running counts, read by the metrics endpoint."""
+
+    events: int = 0
+    """Events emitted (publish and send)."""
+    resumes: int = 0
+    """Subscriptions that resumed from a token."""
+    resets: int = 0
+    """RESET messages queued."""
+    slow: int = 0
+    """Subscribers that overflowed their queue."""
+
+
 class EndReason(enum.Enum):
     """Why the hub ended a subscriber's stream."""
 
@@ -102,6 +117,8 @@ class EndReason(enum.Enum):
     """Its queue overflowed (``disconnect`` policy)."""
     SHUTDOWN = "server shutting down"
     """The server is closing."""
+    MAX_AGE = "max connection age reached"
+    """The stream lived longer than the server's ``max_connection_age``."""
 
 
 class Subscriber:
@@ -116,13 +133,22 @@ class Subscriber:
         "ended",
         "id",
         "limit",
+        "owner",
         "topics",
     )
 
     def __init__(
-        self, id: int, *, limit: int, topics: Collection[str] = (), control: bool = False
+        self,
+        id: int,
+        *,
+        limit: int,
+        topics: Collection[str] = (),
+        control: bool = False,
+        owner: str = "",
     ) -> None:
         self.id = id
+        self.owner = owner
+        """Who opened the subscription (for authorization)."""
         self.limit = limit
         self.topics = frozenset(topics)
         self.control = control
@@ -225,6 +251,7 @@ class Hub:
         self._subscribers: dict[int, Subscriber] = {}
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
+        self.stats = HubStats()
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -259,6 +286,7 @@ class Hub:
         topics: Collection[str] = (),
         resume: str = "",
         control: bool = False,
+        owner: str = "",
     ) -> Subscriber:
         """Add a subscriber for ``id``, ending (as replaced) any previous one.
 
@@ -268,13 +296,21 @@ class Hub:
         old = self._subscribers.get(id)
         if old is not None:
             self._end(old, EndReason.REPLACED)
-        sub = Subscriber(id, limit=self.queue_size, topics=topics, control=control or bool(resume))
+        sub = Subscriber(
+            id,
+            limit=self.queue_size,
+            topics=topics,
+            control=control or bool(resume),
+            owner=owner,
+        )
         if resume:
             missed = self._missed(id, sub.topics, resume)
             if isinstance(missed, str):
                 log.info("Subscriber %d cannot resume from %r (%s): RESET", id, resume, missed)
+                self.stats.resets += 1
                 sub.replay([self._encode(Kind.RESET, self.head, missed, "")])
             else:
+                self.stats.resumes += 1
                 sub.replay(missed)
         self._subscribers[id] = sub
         self._open.add(sub)
@@ -319,6 +355,10 @@ class Hub:
         for sub in list(self._subscribers.values()):
             self._end(sub, reason)
 
+    def end_subscriber(self, sub: Subscriber, reason: EndReason) -> None:
+        """End this very subscription (not whatever holds its id now)."""
+        self._end(sub, reason)
+
     def _end(self, sub: Subscriber, reason: EndReason) -> None:
         # An ended subscriber leaves the id table at once: it receives nothing more, and
         # its id is free for a new subscription while its stream finishes.
@@ -347,6 +387,7 @@ class Hub:
 
     def _emit(self, data: str, topic: str, target: int | None) -> Event:
         self._seq += 1
+        self.stats.events += 1
         message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic)
         event = Event(self._seq, topic, target, message)
         self._history.append(event)
@@ -358,6 +399,7 @@ class Hub:
         if not sub.full():
             sub.put(event.message)
             return
+        self.stats.slow += 1
         if self.policy == "disconnect":
             log.warning("Subscriber %d is too slow (%d messages queued): ending its stream",
                         sub.id, sub.queued)  # fmt: skip
@@ -367,6 +409,7 @@ class Hub:
                     sub.id, sub.queued)  # fmt: skip
         sub.drop_all()
         if sub.control:
+            self.stats.resets += 1
             position = Position(self.epoch, event.seq)
             sub.put(self._encode(Kind.RESET, position, "subscriber too slow: events dropped", ""))
 

@@ -1,34 +1,45 @@
 """``SubscriptionManager``: the ``Longlived`` service on top of the hub.
 
 It answers on ``/longlived.Longlived/*`` and on the original example's
-``/protos.Longlived/*`` paths with the same handlers, so clients of either proto work.
+``/protos.Longlived/*`` paths with the same handlers, so clients of either proto work, and
+serves gRPC health and reflection beside them. Authentication, limits, keepalive, TLS,
+maximum connection age, graceful drain and metrics all come from ``Settings``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.check import ServiceStatus
 
-from longlived._grpc import GrpcServer, end_stream, wait_for_room
-from longlived._proto.longlived import LonglivedBase, Request, Response, ResponseKind
-from longlived.hub import EndReason, Hub, Kind, Position
+from longlived._grpc import GrpcServer, end_stream, grpc_config, wait_for_room
+from longlived._proto.longlived import LonglivedBase, Request, Response
+from longlived._services import health_service, with_reflection
+from longlived._wire import check_request, encode_message
+from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
+from longlived.hub import EndReason, Hub, Position, Subscriber
+from longlived.metrics import MetricsServer, Sample, serve_metrics
 from longlived.settings import Settings
+from longlived.tls import server_context
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
     import grpclib.server
+    from grpclib._typing import IServable
 
-__all__ = ["PACKAGES", "SubscriptionManager", "encode_message"]
+__all__ = ["PACKAGES", "SubscriptionManager"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +54,12 @@ _END_STATUS = {
     EndReason.REPLACED: Status.OK,
     EndReason.TOO_SLOW: Status.RESOURCE_EXHAUSTED,
     EndReason.SHUTDOWN: Status.UNAVAILABLE,
+    EndReason.MAX_AGE: Status.UNAVAILABLE,
 }
 
 
 class SubscriptionManager(LonglivedBase):
-    """The server: holds subscriptions, pushes events down them, shuts down cleanly.
+    """The server: holds subscriptions, pushes events down them, drains cleanly.
 
     Use it as an async context manager (or call ``start`` and ``close``)::
 
@@ -57,7 +69,8 @@ class SubscriptionManager(LonglivedBase):
 
     Subclass it and override ``event_source`` to feed your own events; the default is the
     original example's mock generator (``data mock for: <id>`` to every subscriber every
-    ``settings.interval``).
+    ``settings.interval``). Override ``authenticate``, ``authorize_subscribe`` and
+    ``authorize_unsubscribe`` to change who may do what.
 
     Args:
         settings: configuration; ``Settings()`` reads env vars and ``.env``.
@@ -77,9 +90,16 @@ class SubscriptionManager(LonglivedBase):
             history_size=self.settings.replay.size,
             policy=self.settings.queue.policy,
         )
+        self.health = ServiceStatus()
+        """SERVING while the server accepts subscriptions (grpc.health.v1)."""
+        self.messages_sent = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+        """Calls refused, by status name."""
         self._sleep = sleep
+        self._rng = random.Random()
         self._server: GrpcServer | None = None
         self._source: asyncio.Task[None] | None = None
+        self._metrics: MetricsServer | None = None
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -124,20 +144,97 @@ class SubscriptionManager(LonglivedBase):
         """
         await self.hub.wait_for(predicate)
 
+    def stats(self) -> list[Sample]:
+        """The server's counters, as the metrics endpoint serves them."""
+        hub = self.hub.stats
+        return [
+            Sample("longlived_subscribers", "gauge", "Open subscriptions.", len(self.hub)),
+            Sample("longlived_events_published", "counter", "Events emitted.", hub.events),
+            Sample("longlived_messages_sent", "counter", "Messages written.", self.messages_sent),
+            Sample(
+                "longlived_slow_subscriber_disconnects",
+                "counter",
+                "Subscribers cut off or reset for falling behind.",
+                hub.slow,
+            ),
+            Sample("longlived_resumes", "counter", "Subscriptions resumed.", hub.resumes),
+            Sample("longlived_resets", "counter", "RESET messages sent.", hub.resets),
+            Sample(
+                "longlived_rejected_calls",
+                "counter",
+                "Calls refused, by status.",
+                dict(self.rejected),
+                label="status",
+            ),
+        ]
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the ``/metrics`` endpoint, if it is on."""
+        return self._metrics.port if self._metrics is not None else None
+
+    # --------------------------------------------------------------------- hooks
+
+    async def authenticate(self, metadata: Mapping[str, str | bytes]) -> Caller | None:
+        """Who is calling, from the request metadata; None refuses the call (UNAUTHENTICATED).
+
+        The default accepts everyone when ``settings.auth.tokens`` is empty, and otherwise a
+        ``authorization: Bearer <token>`` header naming one of those tokens.
+        """
+        tokens = self.settings.auth.tokens
+        if not tokens:
+            return ANONYMOUS
+        token = bearer_token(metadata)
+        return match_token(token, tokens) if token is not None else None
+
+    def authorize_subscribe(self, caller: Caller, request: Request) -> bool:
+        """Whether ``caller`` may subscribe as ``request.id``. Default: yes."""
+        return True
+
+    def authorize_unsubscribe(self, caller: Caller, id: int, owner: str) -> bool:
+        """Whether ``caller`` may end the subscription ``id`` that ``owner`` opened.
+
+        Default: anyone when authentication is off; with it on, only the caller that
+        subscribed.
+        """
+        return not caller.authenticated or caller.name == owner
+
     # ------------------------------------------------------------------ lifecycle
+
+    def services(self) -> list[IServable]:
+        """The gRPC services this server runs: itself, plus health and reflection."""
+        services: list[IServable] = [self]
+        if self.settings.health:
+            services.append(health_service(self, self.health))
+        if self.settings.reflection:
+            services = with_reflection(services)
+        return services
 
     async def start(self, *, sock: socket.socket | None = None) -> None:
         """Listen on ``settings.address`` (or on ``sock``) and start the event source."""
         if self._server is not None:
             raise RuntimeError("SubscriptionManager is already started")
-        server = GrpcServer([self], max_streams=self.settings.max_streams_per_connection)
+        server = GrpcServer(
+            self.services(),
+            max_streams=self.settings.max_streams_per_connection,
+            max_message_size=self.settings.limits.max_message_size,
+            config=grpc_config(self.settings.keepalive),
+        )
+        ssl = server_context(self.settings.tls)
         if sock is not None:
-            await server.start(sock=sock)
+            await server.start(sock=sock, ssl=ssl)
         else:
-            await server.start(self.settings.host, self.settings.port)
+            await server.start(self.settings.host, self.settings.port, ssl=ssl)
         self._server = server
+        self.health.set(True)
+        if self.settings.metrics.port is not None:
+            self._metrics = serve_metrics(
+                self.stats, host=self.settings.metrics.host, port=self.settings.metrics.port
+            )
+            log.info("Metrics on http://%s:%d/metrics", self.settings.metrics.host,
+                     self._metrics.port)  # fmt: skip
         self._source = asyncio.create_task(self._run_source(), name="longlived-event-source")
-        log.info("Listening on %s", self.address)
+        log.info("Listening on %s%s", self.address, " (TLS)" if ssl else "")
 
     @property
     def address(self) -> str:
@@ -149,15 +246,17 @@ class SubscriptionManager(LonglivedBase):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def close(self) -> None:
-        """End every stream with UNAVAILABLE, then close connections and the server.
+        """Drain: NOT_SERVING, refuse new subscriptions, end streams, close connections.
 
-        Streams get ``settings.shutdown_timeout`` seconds to end; handlers still running
-        then are cancelled. Idempotent.
+        Open streams end with UNAVAILABLE ("server shutting down"); clients resume from
+        their position elsewhere or later. Streams get ``settings.drain_timeout`` seconds to
+        end; handlers still running then are cancelled. Idempotent.
         """
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
+        self.health.set(False)
         try:
             if self._source is not None:
                 self._source.cancel()
@@ -167,29 +266,33 @@ class SubscriptionManager(LonglivedBase):
             idle = self._server.idle_connections() if self._server is not None else []
             self.hub.end_all(EndReason.SHUTDOWN)
             try:
-                async with asyncio.timeout(self.settings.shutdown_timeout):
+                async with asyncio.timeout(self.settings.drain_timeout):
                     await self.hub.wait_for(lambda: self.hub.open_streams == 0)
             except TimeoutError:
-                log.warning(
-                    "%d streams did not end within %.1fs; cancelling them",
-                    self.hub.open_streams,
-                    self.settings.shutdown_timeout,
-                )
+                log.warning("%d streams did not end within %.1fs; cancelling them",
+                            self.hub.open_streams, self.settings.drain_timeout)  # fmt: skip
             if self._server is not None:
-                self._server.close()
-                for connection in idle:
-                    connection.goaway()
-                # Clients that read their final status close their connections themselves;
-                # a GOAWAY arriving with the status would make some clients drop it unread.
-                await self._server.wait_disconnected(
-                    min(_GOAWAY_GRACE, self.settings.shutdown_timeout)
-                )
-                self._server.goaway_all()
-                async with asyncio.timeout(self.settings.shutdown_timeout):
-                    await self._server.wait_closed()
+                await self._close_connections(self._server, idle)
             log.info("Server closed")
         finally:
+            if self._metrics is not None:
+                self._metrics.close()
             self._closed.set()
+
+    async def _close_connections(self, server: GrpcServer, idle: Sequence[object]) -> None:
+        server.close()
+        for connection in server.idle_connections():
+            if connection in idle:
+                connection.goaway()
+        # Clients that read their final status close their connections themselves; a GOAWAY
+        # arriving together with the status would make some clients drop it unread.
+        await server.wait_disconnected(min(_GOAWAY_GRACE, self.settings.drain_timeout))
+        server.goaway_all()
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await server.wait_closed()
+        except TimeoutError:
+            log.warning("Handlers did not finish within %.1fs", self.settings.drain_timeout)
 
     async def wait_closed(self) -> None:
         """Wait until ``close()`` has finished."""
@@ -228,39 +331,52 @@ class SubscriptionManager(LonglivedBase):
             )
         return mapping
 
-    async def _rpc_subscribe(self, stream: grpclib.server.Stream[Request, bytes]) -> None:
-        request = await stream.recv_message()
+    def _reject(self, status: Status, message: str, peer: object = None) -> GRPCError:
+        """Count, log and build the error for a refused call."""
+        self.rejected[status.name] += 1
+        log.warning("Refused a call from %s: %s (%s)", peer or "?", message, status.name)
+        return GRPCError(status, message)
+
+    async def _admit(
+        self, stream: grpclib.server.Stream[Request, object]
+    ) -> tuple[Request, Caller]:
+        """Read, check and authenticate the request, or raise the status that refuses it."""
+        peer = stream.peer.addr() if stream.peer is not None else None
+        try:
+            request = await stream.recv_message()
+        except GRPCError as exc:
+            raise self._reject(exc.status, exc.message or "bad request", peer) from None
         if request is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, "Subscribe needs a Request message")
-        if self._closing:
-            raise GRPCError(Status.UNAVAILABLE, "server shutting down")
+            raise self._reject(Status.INVALID_ARGUMENT, "a Request message is required", peer)
+        try:
+            check_request(request)
+        except GRPCError as exc:
+            raise self._reject(exc.status, exc.message or "bad request", peer) from None
+        caller = await self.authenticate(stream.metadata or {})
+        if caller is None:
+            raise self._reject(Status.UNAUTHENTICATED, "missing or invalid bearer token", peer)
+        return request, caller
+
+    async def _rpc_subscribe(self, stream: grpclib.server.Stream[Request, bytes]) -> None:
+        request, caller = await self._admit(stream)  # type: ignore[arg-type]  # send type unused
         id = request.id
-        _check_topics(request.topics)
+        if self._closing:
+            raise self._reject(Status.UNAVAILABLE, "server shutting down")
+        if not self.authorize_subscribe(caller, request):
+            raise self._reject(Status.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
+        if id not in self.hub and len(self.hub) >= self.settings.limits.max_subscribers:
+            limit = self.settings.limits.max_subscribers
+            raise self._reject(Status.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
         log.info("Received subscribe request from ID: %d", id)
-        heartbeat = (
-            max(request.heartbeat_ms / 1000, self.settings.heartbeat.min_interval)
-            if request.heartbeat_ms
-            else None
-        )
         sub = self.hub.register(
             id,
             topics=request.topics,
             resume=request.resume_token,
-            control=request.accept_control or heartbeat is not None,
+            control=request.accept_control or request.heartbeat_ms > 0,
+            owner=caller.name,
         )
         try:
-            await stream.send_initial_metadata()
-            while (batch := await sub.take(idle=heartbeat)) is not None:
-                for message in batch or [self.hub.heartbeat()]:
-                    if not await wait_for_room(stream, len(message) + 5, sub.ended):
-                        break
-                    await stream.send_message(message)
-            reason = sub.end_reason
-            assert reason is not None
-            log.info("Stream of client ID %d ended: %s", id, reason.value)
-            await end_stream(
-                stream, _END_STATUS[reason], reason.value, timeout=self.settings.shutdown_timeout
-            )
+            await self._stream(stream, sub, request)
         except asyncio.CancelledError:
             if sub.end_reason is None:
                 log.info("Client ID %d disconnected", id)
@@ -271,16 +387,57 @@ class SubscriptionManager(LonglivedBase):
         finally:
             self.hub.release(sub)
 
+    async def _stream(
+        self, stream: grpclib.server.Stream[Request, bytes], sub: Subscriber, request: Request
+    ) -> None:
+        """Write ``sub``'s messages (heartbeats when idle) until it ends, then its status."""
+        heartbeat = (
+            max(request.heartbeat_ms / 1000, self.settings.heartbeat.min_interval)
+            if request.heartbeat_ms
+            else None
+        )
+        age = self._max_age_timer(sub)
+        try:
+            await stream.send_initial_metadata()
+            while (batch := await sub.take(idle=heartbeat)) is not None:
+                for message in batch or [self.hub.heartbeat()]:
+                    if not await wait_for_room(stream, len(message) + 5, sub.ended):
+                        break
+                    await stream.send_message(message)
+                    self.messages_sent += 1
+        finally:
+            if age is not None:
+                age.cancel()
+        reason = sub.end_reason
+        assert reason is not None
+        log.info("Stream of client ID %d ended: %s", sub.id, reason.value)
+        await end_stream(
+            stream, _END_STATUS[reason], reason.value, timeout=self.settings.drain_timeout
+        )
+
+    def _max_age_timer(self, sub: Subscriber) -> asyncio.TimerHandle | None:
+        """End ``sub`` after ``max_connection_age`` ±10 % (one timer per stream)."""
+        age = self.settings.max_connection_age
+        if age is None:
+            return None
+        delay = age * self._rng.uniform(0.9, 1.1)
+        return asyncio.get_running_loop().call_later(
+            delay, self.hub.end_subscriber, sub, EndReason.MAX_AGE
+        )
+
     async def _rpc_unsubscribe(self, stream: grpclib.server.Stream[Request, Response]) -> None:
-        request = await stream.recv_message()
-        if request is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, "Unsubscribe needs a Request message")
+        request, caller = await self._admit(stream)  # type: ignore[arg-type]  # send type unused
+        sub = self.hub.get(request.id)
+        if sub is not None and not self.authorize_unsubscribe(caller, request.id, sub.owner):
+            raise self._reject(
+                Status.PERMISSION_DENIED, f"{caller.name} may not unsubscribe {request.id}"
+            )
         await stream.send_message(await self.unsubscribe(request))
 
     # ------------------------------------------------- the generated service methods
 
     async def unsubscribe(self, message: Request) -> Response:
-        """End the stream of ``message.id`` with status OK.
+        """End the stream of ``message.id`` with status OK (no authorization check).
 
         Raises:
             GRPCError: NOT_FOUND when no subscriber has that id.
@@ -296,7 +453,7 @@ class SubscriptionManager(LonglivedBase):
         The wire path does not go through this method (it streams pre-encoded bytes); it is
         for code in the same process. Close it (``contextlib.aclosing``) to unsubscribe.
         """
-        _check_topics(message.topics)
+        check_request(message)
         sub = self.hub.register(
             message.id,
             topics=message.topics,
@@ -309,33 +466,3 @@ class SubscriptionManager(LonglivedBase):
                     yield Response.FromString(data)
         finally:
             self.hub.release(sub)
-
-
-MAX_TOPICS = 256
-MAX_TOPIC_LENGTH = 256
-
-
-def _check_topics(topics: list[str]) -> None:
-    if len(topics) > MAX_TOPICS:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT, f"too many topics: {len(topics)} (at most {MAX_TOPICS})"
-        )
-    for topic in topics:
-        if not 0 < len(topic) <= MAX_TOPIC_LENGTH:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"topic {topic[:40]!r} must be 1-{MAX_TOPIC_LENGTH} characters long",
-            )
-
-
-def encode_message(kind: Kind, position: Position, data: str, topic: str) -> bytes:
-    """One wire ``Response``: DATA, HEARTBEAT or RESET at ``position``."""
-    return bytes(
-        Response(
-            data=data,
-            seq=position.seq,
-            token=position.token,
-            kind=ResponseKind(kind.value),
-            topic=topic,
-        )
-    )

@@ -9,6 +9,7 @@ naming the variable, the value and what is allowed.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,11 +20,16 @@ from longlived.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "AuthSettings",
     "BackoffSettings",
     "HeartbeatSettings",
+    "KeepaliveSettings",
+    "LimitSettings",
+    "MetricsSettings",
     "QueueSettings",
     "ReplaySettings",
     "Settings",
+    "TlsSettings",
     "format_validation_error",
     "load_settings",
     "parse_address",
@@ -125,6 +131,96 @@ class HeartbeatSettings(BaseModel):
     )  # fmt: skip
 
 
+class KeepaliveSettings(BaseModel):
+    """HTTP/2 keepalive pings, on the server and on clients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: float | None = Field(
+        30.0, gt=0, le=86_400,
+        description="send a ping after this many seconds (null = never); a peer that does not "
+        "answer within `timeout` is dropped",
+    )  # fmt: skip
+    timeout: float = Field(10.0, gt=0, le=3600, description="seconds to wait for a ping's ack")
+    permit_without_calls: bool = Field(
+        True, description="ping even when the connection carries no stream"
+    )
+    max_pings_without_data: int = Field(
+        0, ge=0, le=1000,
+        description="pings sent in a row without data in between (0 = unlimited)",
+    )  # fmt: skip
+
+
+class TlsSettings(BaseModel):
+    """TLS and mutual TLS. The server uses TLS when `cert` and `key` are set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: Path | None = Field(
+        None, description="PEM certificate: the server's, or the client's for mutual TLS"
+    )
+    key: Path | None = Field(None, description="PEM private key of `cert`")
+    ca: Path | None = Field(
+        None,
+        description="PEM CA bundle: on the server, clients must present a certificate it "
+        "signed (mutual TLS); on the client, the server's certificate must chain to it",
+    )
+    enabled: bool = Field(
+        False, description="client: use TLS (implied by `ca`; system CAs when `ca` is unset)"
+    )
+    server_name: str | None = Field(
+        None, description="client: name to verify the server certificate against"
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key must be set together")
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
+
+
+class AuthSettings(BaseModel):
+    """Bearer-token authentication (on when `tokens` is not empty)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="server: accepted bearer tokens, each mapped to the caller's name "
+        '(JSON, e.g. \'{"s3cret": "alice"}\')',
+    )
+    token: str | None = Field(None, description="client: bearer token to send")
+
+
+class LimitSettings(BaseModel):
+    """Bounds on what clients may ask of the server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_subscribers: int = Field(
+        100_000, ge=1, le=10_000_000,
+        description="open subscriptions at most; more get RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    max_message_size: int = Field(
+        65_536, ge=64, le=64 * 1024 * 1024,
+        description="largest request message accepted, bytes; larger get RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics endpoint (off unless `port` is set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port (0 = any free port)"
+    )
+    host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
+
+
 class Settings(BaseSettings):
     """Everything longlived reads from its environment.
 
@@ -171,11 +267,19 @@ class Settings(BaseSettings):
         le=3600,
         description="client: how long one subscribe attempt may take to be answered, seconds",
     )
-    shutdown_timeout: float = Field(
-        5.0,
-        gt=0,
-        le=3600,
-        description="how long close() waits for streams to end before cancelling them, seconds",
+    drain_timeout: float = Field(
+        10.0, gt=0, le=3600,
+        description="shutdown: how long streams get to end before they are cancelled, seconds",
+    )  # fmt: skip
+    max_connection_age: float | None = Field(
+        None, gt=0, le=30 * 86_400,
+        description="end streams older than this (±10 %) with UNAVAILABLE so clients "
+        "reconnect and load balancers can rebalance, seconds (null = never)",
+    )  # fmt: skip
+    health: bool = Field(True, description="serve grpc.health.v1 (Check and Watch)")
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="CLI log lines: plain text or JSON objects"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level of the CLI"
@@ -188,6 +292,11 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
+    keepalive: KeepaliveSettings = Field(default_factory=KeepaliveSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @property
     def host(self) -> str:

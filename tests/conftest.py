@@ -24,7 +24,7 @@ def settings(listener: socket.socket) -> Settings:
         address=f"127.0.0.1:{port}",
         interval=0.05,
         backoff=BackoffSettings(initial=0.05, max=0.2, multiplier=1.6, jitter=0.2),
-        shutdown_timeout=2.0,
+        drain_timeout=2.0,
         connect_timeout=2.0,
     )
 

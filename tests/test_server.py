@@ -98,14 +98,17 @@ async def test_second_subscribe_with_same_id_replaces_the_first(
         second_channel.close()
 
 
-async def test_negative_and_large_ids_are_ordinary_ids(
+async def test_negative_id_is_invalid_and_the_largest_id_works(
     manager: SubscriptionManager, settings: Settings
 ) -> None:
-    """int32 ids are the wire's; the seed accepts any of them, so do we."""
     channel = channel_for(settings)
     try:
-        async with subscription(channel, -3) as neg, subscription(channel, 2**31 - 1) as big:
-            assert await receive(neg, 1) == ["data mock for: -3"]
+        with pytest.raises(GRPCError) as info:
+            async with subscription(channel, -3):
+                pass
+        assert info.value.status is Status.INVALID_ARGUMENT
+        assert info.value.message == "id must be >= 0, got -3"
+        async with subscription(channel, 2**31 - 1) as big:
             assert await receive(big, 1) == [f"data mock for: {2**31 - 1}"]
     finally:
         channel.close()

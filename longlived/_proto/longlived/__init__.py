@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 import betterproto2
 import grpclib
 from betterproto2 import grpclib as betterproto2_grpclib
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
+from ..google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ..message_pool import default_message_pool
 
 if TYPE_CHECKING:
@@ -25,6 +27,11 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 
 class ResponseKind(betterproto2.Enum):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return LONGLIVED_PROTO_DESCRIPTOR.enum_types_by_name["Response.Kind"]
+
     DATA = 0
     """
     An event; `data` is its payload.
@@ -45,6 +52,11 @@ class ResponseKind(betterproto2.Enum):
 
 @dataclass(eq=False, repr=False)
 class Request(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return LONGLIVED_PROTO_DESCRIPTOR.message_types_by_name["Request"]
+
     id: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
     """
     The subscriber id. A second Subscribe with the same id replaces the first.
@@ -79,6 +91,11 @@ default_message_pool.register_message("longlived", "Request", Request)
 
 @dataclass(eq=False, repr=False)
 class Response(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return LONGLIVED_PROTO_DESCRIPTOR.message_types_by_name["Response"]
+
     data: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     The event payload (DATA) or the reason (RESET).
@@ -156,6 +173,11 @@ class LonglivedStub(betterproto2_grpclib.ServiceStub):
             deadline=deadline,
             metadata=metadata,
         )
+
+
+LONGLIVED_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
+    b'\n\x0flonglived.proto\x12\tlonglived"\x9e\x01\n\x07Request\x12\x0e\n\x02id\x18\x01 \x01(\x05R\x02id\x12!\n\x0cresume_token\x18\x02 \x01(\tR\x0bresumeToken\x12\x16\n\x06topics\x18\x03 \x03(\tR\x06topics\x12!\n\x0cheartbeat_ms\x18\x04 \x01(\rR\x0bheartbeatMs\x12%\n\x0eaccept_control\x18\x05 \x01(\x08R\racceptControl"\xb4\x01\n\x08Response\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x10\n\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x03 \x01(\tR\x05token\x12,\n\x04kind\x18\x04 \x01(\x0e2\x18.longlived.Response.KindR\x04kind\x12\x14\n\x05topic\x18\x05 \x01(\tR\x05topic"(\n\x04Kind\x12\x06\n\x04DATA\x12\r\n\tHEARTBEAT\x10\x01\x12\t\n\x05RESET\x10\x022\x7f\n\tLonglived\x128\n\tSubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x000\x01\x128\n\x0bUnsubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x00b\x06proto3'
+)
 
 
 class LonglivedBase(betterproto2_grpclib.ServiceBase):

@@ -1,0 +1,80 @@
+"""Prometheus metrics, read at scrape time from the counters servers and clients keep.
+
+The hot path only bumps plain integers; a ``StatsCollector`` turns them into Prometheus
+metric families when ``/metrics`` is scraped. Each server or client registers its collector
+in its own ``CollectorRegistry``, so several can live in one process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["MetricsServer", "Sample", "StatsCollector", "serve_metrics"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One metric: name (without ``_total``), kind, help text, and value or labelled values."""
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+    value: float | Mapping[str, float]
+    label: str = ""
+
+
+class StatsCollector(Collector):
+    """Collects the samples ``read()`` returns, each time the registry is scraped."""
+
+    def __init__(self, read: Callable[[], list[Sample]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        for sample in self._read():
+            labels = [sample.label] if sample.label else None
+            family: CounterMetricFamily | GaugeMetricFamily
+            if sample.kind == "counter":
+                family = CounterMetricFamily(sample.name, sample.help, labels=labels)
+            else:
+                family = GaugeMetricFamily(sample.name, sample.help, labels=labels)
+            if isinstance(sample.value, Mapping):
+                for label, value in sorted(sample.value.items()):
+                    family.add_metric([label], value)
+            else:
+                family.add_metric([], sample.value)
+            yield family
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics(read: Callable[[], list[Sample]], *, host: str, port: int) -> MetricsServer:
+    """Serve the samples ``read()`` returns on ``http://host:port/metrics`` (a thread)."""
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(read))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
