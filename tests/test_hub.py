@@ -8,7 +8,7 @@ import pytest
 
 from longlived import EndReason, Hub, Kind, Position, Response, ResponseKind
 from longlived.hub import Policy
-from longlived.server import encode_message
+from longlived._wire import encode_message
 
 
 def make_hub(
