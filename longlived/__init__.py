@@ -12,6 +12,7 @@ from longlived._proto.longlived import (
     Response,
     ResponseKind,
 )
+from longlived.auth import Caller
 from longlived.backoff import Backoff
 from longlived.client import RETRYABLE_STATUSES, ResilientClient
 from longlived.errors import (
@@ -20,32 +21,43 @@ from longlived.errors import (
     ResumeExpired,
     RetriesExhausted,
     SubscriptionClosed,
+    TlsError,
 )
 from longlived.hub import EndReason, Event, Hub, Kind, Position, Subscriber
 from longlived.server import PACKAGES, SubscriptionManager
 from longlived.settings import (
+    AuthSettings,
     BackoffSettings,
     HeartbeatSettings,
+    KeepaliveSettings,
+    LimitSettings,
+    MetricsSettings,
     QueueSettings,
     ReplaySettings,
     Settings,
+    TlsSettings,
     load_settings,
 )
 
 __all__ = [
     "PACKAGES",
     "RETRYABLE_STATUSES",
+    "AuthSettings",
     "Backoff",
     "BackoffSettings",
+    "Caller",
     "ConfigError",
     "EndReason",
     "Event",
     "HeartbeatSettings",
     "Hub",
+    "KeepaliveSettings",
     "Kind",
+    "LimitSettings",
     "LonglivedBase",
     "LonglivedError",
     "LonglivedStub",
+    "MetricsSettings",
     "Position",
     "QueueSettings",
     "ReplaySettings",
@@ -59,5 +71,7 @@ __all__ = [
     "Subscriber",
     "SubscriptionClosed",
     "SubscriptionManager",
+    "TlsError",
+    "TlsSettings",
     "load_settings",
 ]

@@ -27,9 +27,13 @@ if TYPE_CHECKING:
 __all__ = ["GrpcServer", "PassThroughCodec", "end_stream", "grpc_config", "wait_for_room"]
 
 
-def grpc_config(keepalive: KeepaliveSettings) -> Configuration:
-    """grpclib ``Configuration`` with these keepalive settings (for servers and channels)."""
+def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
+    """grpclib ``Configuration`` with these keepalive settings (for servers and channels).
+
+    ``server_name`` (clients) is the name the server's TLS certificate is checked against.
+    """
     return Configuration(
+        ssl_target_name_override=server_name,
         _keepalive_time=keepalive.time,
         _keepalive_timeout=keepalive.timeout,
         _keepalive_permit_without_calls=keepalive.permit_without_calls,

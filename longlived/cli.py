@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -18,8 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
-from longlived.client import ResilientClient
+from longlived.client import ResilientClient, client_samples
 from longlived.errors import LonglivedError, ResumeExpired
+from longlived.metrics import serve_metrics
 from longlived.server import SubscriptionManager
 from longlived.settings import Settings, format_validation_error
 
@@ -54,7 +56,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Sett
     return parser, sources
 
 
-def _configure_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, fmt: str = "plain") -> None:
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)-7s %(message)s",
@@ -62,19 +79,29 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     # grpclib logs every cancelled request at INFO; a client leaving is ours to report.
     logging.getLogger("grpclib").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-async def run_clients(settings: Settings, stop: asyncio.Event) -> None:
+async def run_clients(
+    settings: Settings, stop: asyncio.Event, *, serve_client_metrics: bool = False
+) -> None:
     """Start ``settings.count`` clients with ids 1..count, ``stagger`` seconds apart.
 
     Each logs ``Client ID <n> got response: "<data>"`` for every message, until ``stop``.
+    With ``serve_client_metrics`` and ``settings.metrics.port``, their summed counters are
+    served on ``/metrics``.
     """
+    clients: list[ResilientClient] = []
 
     async def one(id: int) -> None:
         try:
-            async with ResilientClient(id, settings=settings) as client:
+            client = ResilientClient(id, settings=settings)
+            clients.append(client)
+            async with client:
                 while True:
                     try:
                         async for response in client:
@@ -86,15 +113,29 @@ async def run_clients(settings: Settings, stop: asyncio.Event) -> None:
         except LonglivedError as exc:
             log.error("Client ID %d stopped: %s", id, exc)
 
-    async with asyncio.TaskGroup() as tg:
-        tasks = []
-        for id in range(1, settings.count + 1):
-            tasks.append(tg.create_task(one(id), name=f"client-{id}"))
-            if id < settings.count and await _wait(stop, settings.stagger):
-                break
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
+    metrics = None
+    if serve_client_metrics and settings.metrics.port is not None:
+        metrics = serve_metrics(
+            lambda: client_samples(clients), host=settings.metrics.host, port=settings.metrics.port
+        )
+        log.info("Metrics on http://%s:%d/metrics", settings.metrics.host, metrics.port)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = []
+            for id in range(1, settings.count + 1):
+                tasks.append(tg.create_task(one(id), name=f"client-{id}"))
+                if id < settings.count and await _wait(stop, settings.stagger):
+                    break
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+async def _clients(settings: Settings, stop: asyncio.Event) -> None:
+    await run_clients(settings, stop, serve_client_metrics=True)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -156,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"longlived: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
-    commands = {"serve": _serve, "clients": run_clients, "demo": _demo}
+    _configure_logging(settings.log_level, settings.log_format)
+    commands = {"serve": _serve, "clients": _clients, "demo": _demo}
     try:
         _run(commands[namespace.command], settings)
     except OSError as exc:

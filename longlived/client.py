@@ -8,8 +8,9 @@ failure, waits a jittered backoff delay and subscribes again with its token, so 
 replays what it missed: no gap, and duplicates are dropped.
 
 A stream the server ends with OK (``Unsubscribe``, or a newer subscription with the same
-id) ends the iteration; a RESET raises ``ResumeExpired`` (resync, then iterate again); any
-other status raises ``SubscriptionClosed``.
+id) ends the iteration; a RESET raises ``ResumeExpired`` (resync, then iterate again); a
+server certificate that fails verification raises ``TlsError``; any other status raises
+``SubscriptionClosed``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
+import ssl
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import Literal, Self
 
@@ -26,13 +28,16 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
+from longlived._grpc import grpc_config
 from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived.backoff import Backoff
-from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed
+from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.hub import Position
+from longlived.metrics import Sample
 from longlived.settings import Settings, parse_address
+from longlived.tls import client_context
 
-__all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
+__all__ = ["RETRYABLE_STATUSES", "ResilientClient", "client_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +101,17 @@ class ResilientClient:
         """How many attempts have failed in total."""
         self.duplicates = 0
         """Messages dropped because they were already delivered."""
+        self.delivered = 0
+        """DATA messages handed to the app."""
+        self.resets = 0
+        """RESET messages received."""
         self._token = resume_token
         self._position = Position.parse(resume_token)
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
         self._metadata = dict(metadata or {})
+        if self.settings.auth.token is not None:
+            self._metadata.setdefault("authorization", f"Bearer {self.settings.auth.token}")
         self._channel: Channel | None = None
         self._iterator: AsyncGenerator[Response, None] | None = None
         self._closed = False
@@ -135,7 +146,14 @@ class ResilientClient:
     def _get_channel(self) -> Channel:
         if self._channel is None:
             host, port = parse_address(self.settings.address)
-            self._channel = Channel(host, port)
+            self._channel = Channel(
+                host,
+                port,
+                ssl=client_context(self.settings.tls),
+                config=grpc_config(
+                    self.settings.keepalive, server_name=self.settings.tls.server_name
+                ),
+            )
         return self._channel
 
     def _drop_channel(self) -> None:
@@ -175,6 +193,8 @@ class ResilientClient:
                 if exc.status not in RETRYABLE_STATUSES:
                     raise SubscriptionClosed(exc.status.name, exc.message) from exc
                 error: BaseException = exc
+            except ssl.SSLCertVerificationError as exc:
+                raise TlsError(f"{self.settings.address}: {exc.verify_message or exc}") from exc
             except _RETRYABLE_ERRORS as exc:
                 error = exc
             self.failures += 1
@@ -217,6 +237,7 @@ class ResilientClient:
     def _accept(self, response: Response) -> bool:
         """Track the position; True if ``response`` is new DATA for the app."""
         if response.kind == ResponseKind.RESET:
+            self.resets += 1
             self._move_to(response)
             log.warning("Client ID %d: RESET from the server: %s", self.id, response.data)
             raise ResumeExpired(response.token, response.data)
@@ -231,7 +252,10 @@ class ResilientClient:
                 self.duplicates += 1
             return False
         self._move_to(response)
-        return response.kind == ResponseKind.DATA
+        if response.kind != ResponseKind.DATA:
+            return False
+        self.delivered += 1
+        return True
 
     def _move_to(self, response: Response) -> None:
         if response.token:  # the original server sends no positions
@@ -247,6 +271,10 @@ class ResilientClient:
         else:
             self.connected.clear()
             self.disconnected.set()
+
+    def stats(self) -> list[Sample]:
+        """The client's counters, as a metrics endpoint serves them."""
+        return client_samples([self])
 
     # -------------------------------------------------------------------- control
 
@@ -290,6 +318,43 @@ class ResilientClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def client_samples(clients: Iterable[ResilientClient]) -> list[Sample]:
+    """Counters summed over ``clients`` (one process may run many)."""
+    clients = list(clients)
+    return [
+        Sample(
+            "longlived_client_reconnects",
+            "counter",
+            "Resubscriptions after a failure.",
+            sum(c.failures for c in clients),
+        ),
+        Sample(
+            "longlived_client_messages",
+            "counter",
+            "DATA messages handed to the app.",
+            sum(c.delivered for c in clients),
+        ),
+        Sample(
+            "longlived_client_duplicates",
+            "counter",
+            "Messages dropped as already delivered.",
+            sum(c.duplicates for c in clients),
+        ),
+        Sample(
+            "longlived_client_resets",
+            "counter",
+            "RESET messages received.",
+            sum(c.resets for c in clients),
+        ),
+        Sample(
+            "longlived_client_connected",
+            "gauge",
+            "Clients with an open stream.",
+            sum(c.connected.is_set() for c in clients),
+        ),
+    ]
 
 
 def _describe(error: BaseException) -> str:

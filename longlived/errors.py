@@ -6,6 +6,7 @@
     ├── ConfigError          invalid settings (names the variable and what is allowed)
     ├── SubscriptionClosed   the server ended the stream with a status that is not retried
     ├── ResumeExpired        the server could not resume: events were lost, resync (RESET)
+    ├── TlsError             the server's certificate failed verification (not retried)
     └── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
 """
 
@@ -17,6 +18,7 @@ __all__ = [
     "ResumeExpired",
     "RetriesExhausted",
     "SubscriptionClosed",
+    "TlsError",
 ]
 
 
@@ -68,3 +70,7 @@ class RetriesExhausted(LonglivedError):
         self.attempts = attempts
         self.last = last
         super().__init__(f"gave up after {attempts} failed attempts: {last!r}")
+
+
+class TlsError(LonglivedError):
+    """TLS verification failed (wrong CA, wrong name, expired certificate): not retried."""
