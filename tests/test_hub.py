@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from longlived import EndReason, Hub, Kind, Position, Response, ResponseKind
-from longlived.hub import Policy
 from longlived._wire import encode_message
+from longlived.hub import Policy
 
 
 def make_hub(
