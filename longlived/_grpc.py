@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from longlived.settings import KeepaliveSettings
 
-__all__ = ["GrpcServer", "PassThroughCodec", "end_stream", "grpc_config", "wait_for_room"]
+__all__ = ["GrpcServer", "PassThroughCodec", "grpc_config"]
 
 
 def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
@@ -175,59 +175,3 @@ class GrpcServer(grpclib.server.Server):
         """Send GOAWAY on and close every open connection."""
         for proto in list(self._protocols):
             proto.goaway()
-
-
-async def wait_for_room(
-    stream: grpclib.server.Stream[Any, Any], size: int, ended: asyncio.Event
-) -> bool:
-    """Wait until ``size`` bytes fit the peer's flow-control window and the transport.
-
-    Returns False if ``ended`` is set first. Waiting here, before a write, means a message
-    is never left half-written when a subscriber is ended for being too slow.
-    """
-    proto = stream._stream
-    conn = proto.connection
-    h2_conn = proto._h2_connection
-    assert proto.id is not None
-    # A message larger than the peer's whole window can only be written in pieces.
-    need = min(size, h2_conn.remote_settings.initial_window_size)
-    while not ended.is_set():
-        if not conn.write_ready.is_set():
-            ready = conn.write_ready
-        elif h2_conn.local_flow_control_window(proto.id) >= need:
-            return True
-        else:
-            proto.window_updated.clear()
-            ready = proto.window_updated
-        await _first(ready, ended)
-    return False
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waits:
-            waiter.cancel()
-
-
-async def end_stream(
-    stream: grpclib.server.Stream[Any, Any], status: Status, message: str, *, timeout: float
-) -> None:
-    """Send the final status; if the peer cannot take it within ``timeout``, drop its connection.
-
-    Trailers are not flow-controlled, but a peer that stopped reading its socket can leave
-    the transport paused forever; aborting then frees the server's side.
-    """
-    try:
-        async with asyncio.timeout(timeout):
-            await stream.send_trailing_metadata(status=status, status_message=message)
-    except TimeoutError:
-        log.warning(
-            "Peer %s did not take the final status in %.1fs; closing its connection",
-            stream.peer.addr() if stream.peer else "?",
-            timeout,
-        )
-        stream._stream.connection._transport.abort()

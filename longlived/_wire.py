@@ -8,7 +8,18 @@ from grpclib.exceptions import GRPCError
 from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived.hub import Kind, Position
 
-__all__ = ["MAX_TOKEN_LENGTH", "MAX_TOPICS", "MAX_TOPIC_LENGTH", "check_request", "encode_message"]
+__all__ = [
+    "HEARTBEAT_HEADER",
+    "MAX_TOKEN_LENGTH",
+    "MAX_TOPICS",
+    "MAX_TOPIC_LENGTH",
+    "check_request",
+    "check_topics",
+    "encode_message",
+]
+
+HEARTBEAT_HEADER = "longlived-heartbeat-ms"
+"""Initial-metadata key: the heartbeat period the server granted, in milliseconds."""
 
 MAX_TOPICS = 256
 MAX_TOPIC_LENGTH = 256
@@ -28,21 +39,50 @@ def encode_message(kind: Kind, position: Position, data: str, topic: str) -> byt
     )
 
 
+def check_topics(topics: list[str]) -> str | None:
+    """What is wrong with ``topics``, or None."""
+    if len(topics) > MAX_TOPICS:
+        return f"too many topics: {len(topics)} (at most {MAX_TOPICS})"
+    for topic in topics:
+        if not 0 < len(topic) <= MAX_TOPIC_LENGTH:
+            return f"topic {topic[:40]!r} must be 1-{MAX_TOPIC_LENGTH} characters long"
+    return None
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "id": int,
+    "resume_token": str,
+    "heartbeat_ms": int,
+    "accept_control": bool,
+}
+
+
+def _check_types(request: Request) -> None:
+    # The decoder is lenient: bytes with the wrong wire type for a field can decode to a
+    # value of the wrong Python type (a list for ``id``, None, ...).
+    for name, kind in _FIELD_TYPES.items():
+        value = getattr(request, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed Request message: {name} is {value!r}"
+            )
+    topics = request.topics
+    if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+        raise GRPCError(Status.INVALID_ARGUMENT, "malformed Request message: topics")
+
+
 def check_request(request: Request) -> None:
     """Raise INVALID_ARGUMENT, naming the problem, for a request no subscriber may make."""
+    _check_types(request)
     if request.id < 0:
         raise GRPCError(Status.INVALID_ARGUMENT, f"id must be >= 0, got {request.id}")
-    if len(request.topics) > MAX_TOPICS:
+    problem = check_topics(request.topics)
+    if problem:
+        raise GRPCError(Status.INVALID_ARGUMENT, problem)
+    if request.heartbeat_ms < 0:
         raise GRPCError(
-            Status.INVALID_ARGUMENT,
-            f"too many topics: {len(request.topics)} (at most {MAX_TOPICS})",
+            Status.INVALID_ARGUMENT, f"heartbeat_ms must be >= 0, got {request.heartbeat_ms}"
         )
-    for topic in request.topics:
-        if not 0 < len(topic) <= MAX_TOPIC_LENGTH:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"topic {topic[:40]!r} must be 1-{MAX_TOPIC_LENGTH} characters long",
-            )
     if len(request.resume_token) > MAX_TOKEN_LENGTH:
         raise GRPCError(
             Status.INVALID_ARGUMENT,

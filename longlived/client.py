@@ -30,6 +30,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from longlived._grpc import grpc_config
 from longlived._proto.longlived import Request, Response, ResponseKind
+from longlived._wire import HEARTBEAT_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.hub import Position
@@ -91,6 +92,8 @@ class ResilientClient:
         self.id = id
         self.settings = settings if settings is not None else Settings()
         self.topics = list(self.settings.topics if topics is None else topics)
+        if (problem := check_topics(self.topics)) is not None:
+            raise ValueError(problem)
         self.backoff: Backoff = self.settings.backoff.to_backoff()
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
@@ -115,6 +118,10 @@ class ResilientClient:
         self._channel: Channel | None = None
         self._iterator: AsyncGenerator[Response, None] | None = None
         self._closed = False
+        self._stop = asyncio.Event()
+        self._progress = False
+        self._reset_streak = 0
+        self._reading = False  # an iteration is waiting for the next message
 
     @property
     def token(self) -> str:
@@ -174,18 +181,27 @@ class ResilientClient:
     async def _messages(self) -> AsyncGenerator[Response, None]:
         try:
             async with contextlib.aclosing(self._attempts()) as attempts:
+                self._reading = True
                 async for response in attempts:
+                    self._reading = False
                     yield response
+                    self._reading = True
         finally:
+            self._reading = False
             self._iterator = None
 
     async def _attempts(self) -> AsyncGenerator[Response, None]:
+        if self._reset_streak > 1:
+            # RESET after RESET with no event in between: do not hammer the server
+            delay = self.backoff.compute(min(self._reset_streak - 2, 64), self._rng)
+            log.warning("Client ID %d: repeated RESET; resubscribing in %.2fs", self.id, delay)
+            await self._pause(delay)
         attempt = 0
-        while True:
+        while not self._closed:
+            self._progress = False
             try:
                 async with contextlib.aclosing(self._stream_once()) as stream:
                     async for response in stream:
-                        attempt = 0  # a stream that delivers resets the backoff
                         yield response
                 log.info("Client ID %d: the server ended the subscription", self.id)
                 return
@@ -197,6 +213,10 @@ class ResilientClient:
                 raise TlsError(f"{self.settings.address}: {exc.verify_message or exc}") from exc
             except _RETRYABLE_ERRORS as exc:
                 error = exc
+            if self._closed:
+                return
+            if self._progress:
+                attempt = 0  # that stream delivered messages: start the backoff afresh
             self.failures += 1
             self._drop_channel()
             attempt += 1
@@ -207,11 +227,20 @@ class ResilientClient:
             log.warning(
                 "Client ID %d: %s; resubscribing in %.2fs", self.id, _describe(error), delay
             )
-            await self._sleep(delay)
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if the client is closed meanwhile."""
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
 
     async def _stream_once(self) -> AsyncGenerator[Response, None]:
         channel = self._get_channel()
-        silence = self.heartbeat * self.settings.heartbeat.misses or None
         async with channel.request(
             self._path("Subscribe"), Cardinality.UNARY_STREAM, Request, Response,
             metadata=self._metadata or None,
@@ -219,6 +248,7 @@ class ResilientClient:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await stream.send_message(self._request(), end=True)
                 await stream.recv_initial_metadata()
+            silence = self._silence(stream.initial_metadata)
             self._set_connected(True)
             try:
                 while True:
@@ -226,6 +256,7 @@ class ResilientClient:
                         response = await stream.recv_message()
                     if response is None:
                         return
+                    self._progress = True
                     if self._accept(response):
                         yield response
             except TimeoutError:
@@ -234,10 +265,21 @@ class ResilientClient:
             finally:
                 self._set_connected(False)
 
+    def _silence(self, metadata: Mapping[str, str | bytes] | None) -> float | None:
+        """How long the stream may stay silent: ``misses`` x the heartbeat period granted."""
+        if not self.heartbeat:
+            return None
+        granted = (metadata or {}).get(HEARTBEAT_HEADER)
+        period = self.heartbeat
+        if isinstance(granted, str) and granted.isdecimal():
+            period = max(period, int(granted) / 1000)
+        return period * self.settings.heartbeat.misses
+
     def _accept(self, response: Response) -> bool:
         """Track the position; True if ``response`` is new DATA for the app."""
         if response.kind == ResponseKind.RESET:
             self.resets += 1
+            self._reset_streak += 1
             self._move_to(response)
             log.warning("Client ID %d: RESET from the server: %s", self.id, response.data)
             raise ResumeExpired(response.token, response.data)
@@ -254,6 +296,7 @@ class ResilientClient:
         self._move_to(response)
         if response.kind != ResponseKind.DATA:
             return False
+        self._reset_streak = 0
         self.delivered += 1
         return True
 
@@ -301,12 +344,16 @@ class ResilientClient:
         return response
 
     async def aclose(self) -> None:
-        """Stop receiving and close the connection. Idempotent."""
+        """Stop receiving and close the connection. Idempotent.
+
+        Safe to call from another task than the one iterating: that iteration then ends.
+        """
         self._closed = True
+        self._stop.set()
         iterator, self._iterator = self._iterator, None
-        if iterator is not None:
+        self._drop_channel()  # ends a stream being read in another task
+        if iterator is not None and not self._reading:
             await iterator.aclose()
-        self._drop_channel()
 
     async def __aenter__(self) -> Self:
         return self

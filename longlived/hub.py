@@ -69,7 +69,8 @@ class Position:
     def parse(cls, token: str) -> Position | None:
         """The position a token names, or None if it is malformed."""
         epoch, sep, seq = token.partition(":")
-        if not sep or not epoch or not seq.isdigit() or len(seq) > 20:
+        # isdigit() also accepts characters like "²" that int() rejects
+        if not sep or not epoch or not (seq.isascii() and seq.isdecimal()) or len(seq) > 20:
             return None
         return cls(epoch, int(seq))
 
@@ -128,6 +129,7 @@ class Subscriber:
         "_allowance",
         "_queue",
         "_wake",
+        "aborted",
         "control",
         "end_reason",
         "ended",
@@ -155,7 +157,10 @@ class Subscriber:
         """The peer understands HEARTBEAT and RESET messages."""
         self.end_reason: EndReason | None = None
         self.ended = asyncio.Event()
-        """Set once the subscription has ended (a writer blocked on the peer can race it)."""
+        """Set once the subscription has ended."""
+        self.aborted = asyncio.Event()
+        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED (whose
+        queue is still delivered), or ``abort()``. A writer blocked on the peer races it."""
         self._queue: deque[bytes] = deque()
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
@@ -193,9 +198,15 @@ class Subscriber:
         if self.end_reason is None:
             self.end_reason = reason
             if reason is not EndReason.UNSUBSCRIBED:
-                self.drop_all()
+                self.abort()
             self.ended.set()
             self._wake.set()
+
+    def abort(self) -> None:
+        """Abandon whatever is still queued (an unsubscribed peer that does not read)."""
+        self.drop_all()
+        self.aborted.set()
+        self._wake.set()
 
     async def take(self, idle: float | None = None) -> list[bytes] | None:
         """Wait for queued messages and take them all.
@@ -292,10 +303,10 @@ class Hub:
 
         With a ``resume`` token, the events after it that this subscriber would have
         received are queued first; a token that cannot be honoured queues one RESET instead.
+        A ``control`` subscriber with nothing to replay first gets a HEARTBEAT carrying the
+        current position: it can resume without a gap even if no event reaches it before its
+        stream breaks, and every healthy stream delivers at least one message.
         """
-        old = self._subscribers.get(id)
-        if old is not None:
-            self._end(old, EndReason.REPLACED)
         sub = Subscriber(
             id,
             limit=self.queue_size,
@@ -311,7 +322,12 @@ class Hub:
                 sub.replay([self._encode(Kind.RESET, self.head, missed, "")])
             else:
                 self.stats.resumes += 1
-                sub.replay(missed)
+                sub.replay(missed or [self.heartbeat()])
+        elif sub.control:
+            sub.replay([self.heartbeat()])
+        old = self._subscribers.get(id)
+        if old is not None:
+            self._end(old, EndReason.REPLACED)
         self._subscribers[id] = sub
         self._open.add(sub)
         self._notify()

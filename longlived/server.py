@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import random
 import socket
@@ -23,10 +22,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 
-from longlived._grpc import GrpcServer, end_stream, grpc_config, wait_for_room
+from longlived._grpc import GrpcServer, grpc_config
 from longlived._proto.longlived import LonglivedBase, Request, Response
 from longlived._services import health_service, with_reflection
-from longlived._wire import check_request, encode_message
+from longlived._streamio import end_stream, recv_request, write_message
+from longlived._wire import HEARTBEAT_HEADER, check_request, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.hub import EndReason, Hub, Position, Subscriber
 from longlived.metrics import MetricsServer, Sample, serve_metrics
@@ -260,8 +260,8 @@ class SubscriptionManager(LonglivedBase):
         try:
             if self._source is not None:
                 self._source.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._source
+                # wait() rather than await: a cancel aimed at close() itself must propagate
+                await asyncio.wait([self._source])
             # connections without streams need no grace before GOAWAY
             idle = self._server.idle_connections() if self._server is not None else []
             self.hub.end_all(EndReason.SHUTDOWN)
@@ -275,6 +275,8 @@ class SubscriptionManager(LonglivedBase):
                 await self._close_connections(self._server, idle)
             log.info("Server closed")
         finally:
+            if self._server is not None:
+                self._server.close()  # idempotent; stops listening even if close() was cancelled
             if self._metrics is not None:
                 self._metrics.close()
             self._closed.set()
@@ -343,12 +345,9 @@ class SubscriptionManager(LonglivedBase):
         """Read, check and authenticate the request, or raise the status that refuses it."""
         peer = stream.peer.addr() if stream.peer is not None else None
         try:
-            request = await stream.recv_message()
-        except GRPCError as exc:
-            raise self._reject(exc.status, exc.message or "bad request", peer) from None
-        if request is None:
-            raise self._reject(Status.INVALID_ARGUMENT, "a Request message is required", peer)
-        try:
+            request: Request = await recv_request(
+                stream, Request, max_size=self.settings.limits.max_message_size
+            )
             check_request(request)
         except GRPCError as exc:
             raise self._reject(exc.status, exc.message or "bad request", peer) from None
@@ -364,6 +363,12 @@ class SubscriptionManager(LonglivedBase):
             raise self._reject(Status.UNAVAILABLE, "server shutting down")
         if not self.authorize_subscribe(caller, request):
             raise self._reject(Status.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
+        current = self.hub.get(id)
+        if current is not None and not self.authorize_unsubscribe(caller, id, current.owner):
+            # replacing a subscription ends it: the same rule as Unsubscribe
+            raise self._reject(
+                Status.PERMISSION_DENIED, f"{caller.name} may not replace the subscription {id}"
+            )
         if id not in self.hub and len(self.hub) >= self.settings.limits.max_subscribers:
             limit = self.settings.limits.max_subscribers
             raise self._reject(Status.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
@@ -398,12 +403,13 @@ class SubscriptionManager(LonglivedBase):
         )
         age = self._max_age_timer(sub)
         try:
-            await stream.send_initial_metadata()
+            # the client judges silence by the period actually granted
+            granted = {HEARTBEAT_HEADER: str(round(heartbeat * 1000))} if heartbeat else None
+            await stream.send_initial_metadata(metadata=granted)
             while (batch := await sub.take(idle=heartbeat)) is not None:
                 for message in batch or [self.hub.heartbeat()]:
-                    if not await wait_for_room(stream, len(message) + 5, sub.ended):
+                    if not await write_message(stream, message, sub.aborted):
                         break
-                    await stream.send_message(message)
                     self.messages_sent += 1
         finally:
             if age is not None:
@@ -442,8 +448,12 @@ class SubscriptionManager(LonglivedBase):
         Raises:
             GRPCError: NOT_FOUND when no subscriber has that id.
         """
-        if not self.hub.end(message.id, EndReason.UNSUBSCRIBED):
+        sub = self.hub.get(message.id)
+        if sub is None:
             raise GRPCError(Status.NOT_FOUND, f"no subscriber with id {message.id}")
+        self.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED)
+        # what is queued is still delivered, but not to a peer that stopped reading
+        asyncio.get_running_loop().call_later(self.settings.drain_timeout, sub.abort)
         log.info("Unsubscribed client: %d", message.id)
         return Response()
 

@@ -98,11 +98,20 @@ async def test_resume_replays_exactly_what_was_missed() -> None:
     ]
 
 
-async def test_resume_at_head_replays_nothing() -> None:
+async def test_resume_at_head_replays_only_a_heartbeat_at_the_position() -> None:
     hub = make_hub()
     hub.publish("x")
     sub = hub.register(1, resume=hub.head.token)
-    assert sub.queued == 0
+    assert decode(await sub.take()) == [(ResponseKind.HEARTBEAT, "", 1)]
+
+
+async def test_control_subscriber_learns_its_position_first_seed_does_not() -> None:
+    hub = make_hub()
+    hub.publish("before")
+    control, seed = hub.register(1, control=True), hub.register(2)
+    hub.publish("after")
+    assert decode(await control.take()) == [(ResponseKind.HEARTBEAT, "", 1), (DATA, "after", 2)]
+    assert decode(await seed.take()) == [(DATA, "after", 2)]
 
 
 @pytest.mark.parametrize(
