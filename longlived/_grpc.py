@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpclib.server
@@ -170,6 +170,23 @@ class GrpcServer(grpclib.server.Server):
     def idle_connections(self) -> list[_Protocol]:
         """Open connections that carry no stream right now."""
         return [proto for proto in self._protocols if not proto.busy()]
+
+    async def drain(self, idle: Sequence[object], *, grace: float, timeout: float) -> None:
+        """Stop listening, then close connections: ``idle`` ones (no streams when the drain
+        began) at once, the others after up to ``grace`` seconds, all with GOAWAY."""
+        self.close()
+        for proto in self.idle_connections():
+            if proto in idle:
+                proto.goaway()
+        # Clients that read their final status close their connections themselves; a GOAWAY
+        # arriving together with the status would make some clients drop it unread.
+        await self.wait_disconnected(grace)
+        self.goaway_all()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wait_closed()
+        except TimeoutError:
+            log.warning("Handlers did not finish within %.1fs", timeout)
 
     def goaway_all(self) -> None:
         """Send GOAWAY on and close every open connection."""

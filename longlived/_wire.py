@@ -6,7 +6,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived._proto.longlived import Request, Response, ResponseKind
-from longlived.hub import Kind, Position
+from longlived.events import Kind, Position
 
 __all__ = [
     "HEARTBEAT_HEADER",

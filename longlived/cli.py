@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
-from longlived.client import ResilientClient, client_samples
+from longlived.client import ResilientClient
 from longlived.errors import LonglivedError, ResumeExpired
-from longlived.metrics import serve_metrics
+from longlived.metrics import client_samples, serve_metrics
 from longlived.server import SubscriptionManager
 from longlived.settings import Settings, format_validation_error
 

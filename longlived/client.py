@@ -20,7 +20,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from types import TracebackType
 from typing import Literal, Self
 
@@ -33,12 +33,12 @@ from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived._wire import HEARTBEAT_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
-from longlived.hub import Position
-from longlived.metrics import Sample
+from longlived.events import Position
+from longlived.metrics import Sample, client_samples
 from longlived.settings import Settings, parse_address
 from longlived.tls import client_context
 
-__all__ = ["RETRYABLE_STATUSES", "ResilientClient", "client_samples"]
+__all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
 
 log = logging.getLogger(__name__)
 
@@ -365,43 +365,6 @@ class ResilientClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def client_samples(clients: Iterable[ResilientClient]) -> list[Sample]:
-    """Counters summed over ``clients`` (one process may run many)."""
-    clients = list(clients)
-    return [
-        Sample(
-            "longlived_client_reconnects",
-            "counter",
-            "Resubscriptions after a failure.",
-            sum(c.failures for c in clients),
-        ),
-        Sample(
-            "longlived_client_messages",
-            "counter",
-            "DATA messages handed to the app.",
-            sum(c.delivered for c in clients),
-        ),
-        Sample(
-            "longlived_client_duplicates",
-            "counter",
-            "Messages dropped as already delivered.",
-            sum(c.duplicates for c in clients),
-        ),
-        Sample(
-            "longlived_client_resets",
-            "counter",
-            "RESET messages received.",
-            sum(c.resets for c in clients),
-        ),
-        Sample(
-            "longlived_client_connected",
-            "gauge",
-            "Clients with an open stream.",
-            sum(c.connected.is_set() for c in clients),
-        ),
-    ]
 
 
 def _describe(error: BaseException) -> str:

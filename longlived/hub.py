@@ -18,7 +18,6 @@ subscriber's replay and its live events: no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 from collections import deque
@@ -26,71 +25,24 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from longlived.events import Encoder, Event, Kind, Position
+from longlived.subscriber import EndReason, Subscriber
+
 __all__ = [
     "EndReason",
     "Event",
     "Hub",
     "HubStats",
     "Kind",
+    "Policy",
     "Position",
     "Subscriber",
 ]
 
-log = logging.getLogger(__name__)
-
-
-class Kind(enum.IntEnum):
-    """Message kinds; the values are the wire's ``Response.Kind``."""
-
-    DATA = 0
-    HEARTBEAT = 1
-    RESET = 2
-
-
-Encoder = Callable[[Kind, "Position", str, str], bytes]
-"""``encode(kind, position, data, topic) -> bytes``: one wire message."""
-
 Policy = Literal["disconnect", "drop"]
+"""What an overflowing queue does."""
 
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where an event sits: an epoch (one per hub lifetime) and a sequence number."""
-
-    epoch: str
-    seq: int
-
-    @property
-    def token(self) -> str:
-        """The opaque resume token for this position."""
-        return f"{self.epoch}:{self.seq}"
-
-    @classmethod
-    def parse(cls, token: str) -> Position | None:
-        """The position a token names, or None if it is malformed."""
-        epoch, sep, seq = token.partition(":")
-        # isdigit() also accepts characters like "²" that int() rejects
-        if not sep or not epoch or not (seq.isascii() and seq.isdecimal()) or len(seq) > 20:
-            return None
-        return cls(epoch, int(seq))
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One emitted event, as kept in the history."""
-
-    seq: int
-    topic: str
-    target: int | None
-    """The one subscriber id it is for (``send``), or None for every match (``publish``)."""
-    message: bytes
-    """The encoded DATA message."""
-
-    def matches(self, id: int, topics: Collection[str]) -> bool:
-        """Whether the subscriber ``id`` with ``topics`` receives this event."""
-        if self.target is not None:
-            return self.target == id
-        return not topics or self.topic in topics
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -105,132 +57,6 @@ class HubStats:
     """RESET messages queued."""
     slow: int = 0
     """Subscribers that overflowed their queue."""
-
-
-class EndReason(enum.Enum):
-    """Why the hub ended a subscriber's stream."""
-
-    UNSUBSCRIBED = "unsubscribed"
-    """``Unsubscribe`` was called for its id; queued messages are still delivered."""
-    REPLACED = "replaced"
-    """A newer ``Subscribe`` with the same id took its place."""
-    TOO_SLOW = "subscriber too slow"
-    """Its queue overflowed (``disconnect`` policy)."""
-    SHUTDOWN = "server shutting down"
-    """The server is closing."""
-    MAX_AGE = "max connection age reached"
-    """The stream lived longer than the server's ``max_connection_age``."""
-
-
-class Subscriber:
-    """One open subscription: id, topics, a bounded queue of encoded messages, an end."""
-
-    __slots__ = (
-        "_allowance",
-        "_queue",
-        "_wake",
-        "aborted",
-        "control",
-        "end_reason",
-        "ended",
-        "id",
-        "limit",
-        "owner",
-        "topics",
-    )
-
-    def __init__(
-        self,
-        id: int,
-        *,
-        limit: int,
-        topics: Collection[str] = (),
-        control: bool = False,
-        owner: str = "",
-    ) -> None:
-        self.id = id
-        self.owner = owner
-        """Who opened the subscription (for authorization)."""
-        self.limit = limit
-        self.topics = frozenset(topics)
-        self.control = control
-        """The peer understands HEARTBEAT and RESET messages."""
-        self.end_reason: EndReason | None = None
-        self.ended = asyncio.Event()
-        """Set once the subscription has ended."""
-        self.aborted = asyncio.Event()
-        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED (whose
-        queue is still delivered), or ``abort()``. A writer blocked on the peer races it."""
-        self._queue: deque[bytes] = deque()
-        self._allowance = 0  # replayed messages still queued: they do not count as lag
-        self._wake = asyncio.Event()
-
-    def __repr__(self) -> str:
-        return f"<Subscriber id={self.id} queued={len(self._queue)} end={self.end_reason}>"
-
-    @property
-    def queued(self) -> int:
-        """Messages waiting to be written."""
-        return len(self._queue)
-
-    def full(self) -> bool:
-        """Whether one more live message would overflow the queue."""
-        return len(self._queue) >= self.limit + self._allowance
-
-    def put(self, message: bytes) -> None:
-        """Queue ``message`` (the caller checked ``full()``)."""
-        self._queue.append(message)
-        self._wake.set()
-
-    def replay(self, messages: list[bytes]) -> None:
-        """Queue missed messages ahead of live ones, beyond the live bound."""
-        self._queue.extend(messages)
-        self._allowance = len(messages)
-        self._wake.set()
-
-    def drop_all(self) -> None:
-        """Discard everything queued."""
-        self._queue.clear()
-        self._allowance = 0
-
-    def end(self, reason: EndReason) -> None:
-        """End the subscription; the first reason wins."""
-        if self.end_reason is None:
-            self.end_reason = reason
-            if reason is not EndReason.UNSUBSCRIBED:
-                self.abort()
-            self.ended.set()
-            self._wake.set()
-
-    def abort(self) -> None:
-        """Abandon whatever is still queued (an unsubscribed peer that does not read)."""
-        self.drop_all()
-        self.aborted.set()
-        self._wake.set()
-
-    async def take(self, idle: float | None = None) -> list[bytes] | None:
-        """Wait for queued messages and take them all.
-
-        Returns None once the subscription has ended and its queue is empty, and ``[]``
-        when ``idle`` seconds pass with nothing queued (time for a heartbeat).
-        """
-        while not self._queue:
-            if self.end_reason is not None:
-                return None
-            self._wake.clear()
-            if idle is None:
-                await self._wake.wait()
-                continue
-            try:
-                async with asyncio.timeout(idle):
-                    await self._wake.wait()
-            except TimeoutError:
-                if not self._queue and self.end_reason is None:
-                    return []
-        batch = list(self._queue)
-        self._queue.clear()
-        self._allowance = max(0, self._allowance - len(batch))
-        return batch
 
 
 class Hub:

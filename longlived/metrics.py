@@ -7,17 +7,25 @@ in its own ``CollectorRegistry``, so several can live in one process.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricsServer", "Sample", "StatsCollector", "serve_metrics"]
+__all__ = [
+    "ClientCounters",
+    "MetricsServer",
+    "Sample",
+    "StatsCollector",
+    "client_samples",
+    "serve_metrics",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,55 @@ class StatsCollector(Collector):
             else:
                 family.add_metric([], sample.value)
             yield family
+
+
+class ClientCounters(Protocol):
+    """What ``client_samples`` reads from a client."""
+
+    failures: int
+    delivered: int
+    duplicates: int
+    resets: int
+
+    @property
+    def connected(self) -> asyncio.Event: ...
+
+
+def client_samples(clients: Iterable[ClientCounters]) -> list[Sample]:
+    """Counters summed over ``clients`` (one process may run many)."""
+    clients = list(clients)
+    return [
+        Sample(
+            "longlived_client_reconnects",
+            "counter",
+            "Resubscriptions after a failure.",
+            sum(c.failures for c in clients),
+        ),
+        Sample(
+            "longlived_client_messages",
+            "counter",
+            "DATA messages handed to the app.",
+            sum(c.delivered for c in clients),
+        ),
+        Sample(
+            "longlived_client_duplicates",
+            "counter",
+            "Messages dropped as already delivered.",
+            sum(c.duplicates for c in clients),
+        ),
+        Sample(
+            "longlived_client_resets",
+            "counter",
+            "RESET messages received.",
+            sum(c.resets for c in clients),
+        ),
+        Sample(
+            "longlived_client_connected",
+            "gauge",
+            "Clients with an open stream.",
+            sum(c.connected.is_set() for c in clients),
+        ),
+    ]
 
 
 @dataclass

@@ -13,7 +13,7 @@ import collections
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -272,7 +272,8 @@ class SubscriptionManager(LonglivedBase):
                 log.warning("%d streams did not end within %.1fs; cancelling them",
                             self.hub.open_streams, self.settings.drain_timeout)  # fmt: skip
             if self._server is not None:
-                await self._close_connections(self._server, idle)
+                grace = min(_GOAWAY_GRACE, self.settings.drain_timeout)
+                await self._server.drain(idle, grace=grace, timeout=self.settings.drain_timeout)
             log.info("Server closed")
         finally:
             if self._server is not None:
@@ -280,21 +281,6 @@ class SubscriptionManager(LonglivedBase):
             if self._metrics is not None:
                 self._metrics.close()
             self._closed.set()
-
-    async def _close_connections(self, server: GrpcServer, idle: Sequence[object]) -> None:
-        server.close()
-        for connection in server.idle_connections():
-            if connection in idle:
-                connection.goaway()
-        # Clients that read their final status close their connections themselves; a GOAWAY
-        # arriving together with the status would make some clients drop it unread.
-        await server.wait_disconnected(min(_GOAWAY_GRACE, self.settings.drain_timeout))
-        server.goaway_all()
-        try:
-            async with asyncio.timeout(self.settings.drain_timeout):
-                await server.wait_closed()
-        except TimeoutError:
-            log.warning("Handlers did not finish within %.1fs", self.settings.drain_timeout)
 
     async def wait_closed(self) -> None:
         """Wait until ``close()`` has finished."""

@@ -1,0 +1,66 @@
+"""Events and their positions: what the hub emits and how a subscriber names where it is.
+
+Every event has a position ``(epoch, seq)``: ``seq`` grows by one per event, ``epoch`` is random
+per hub lifetime, so positions from a previous server run are recognised as foreign. A position
+travels as an opaque token.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+__all__ = ["Encoder", "Event", "Kind", "Position"]
+
+
+class Kind(enum.IntEnum):
+    """Message kinds; the values are the wire's ``Response.Kind``."""
+
+    DATA = 0
+    HEARTBEAT = 1
+    RESET = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an event sits: an epoch (one per hub lifetime) and a sequence number."""
+
+    epoch: str
+    seq: int
+
+    @property
+    def token(self) -> str:
+        """The opaque resume token for this position."""
+        return f"{self.epoch}:{self.seq}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position | None:
+        """The position a token names, or None if it is malformed."""
+        epoch, sep, seq = token.partition(":")
+        # isdigit() also accepts characters like "²" that int() rejects
+        if not sep or not epoch or not (seq.isascii() and seq.isdecimal()) or len(seq) > 20:
+            return None
+        return cls(epoch, int(seq))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One emitted event, as kept in the history."""
+
+    seq: int
+    topic: str
+    target: int | None
+    """The one subscriber id it is for (``send``), or None for every match (``publish``)."""
+    message: bytes
+    """The encoded DATA message."""
+
+    def matches(self, id: int, topics: Collection[str]) -> bool:
+        """Whether the subscriber ``id`` with ``topics`` receives this event."""
+        if self.target is not None:
+            return self.target == id
+        return not topics or self.topic in topics
+
+
+Encoder = Callable[[Kind, Position, str, str], bytes]
+"""``encode(kind, position, data, topic) -> bytes``: one wire message."""
