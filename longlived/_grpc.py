@@ -17,6 +17,7 @@ from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Connection, H2Protocol
+from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
 
 if TYPE_CHECKING:
@@ -81,7 +82,16 @@ class PassThroughCodec(CodecBase):
 
 
 class _Connection(Connection):
-    """grpclib's connection, but a close (keepalive timeout) never waits on a frozen peer."""
+    """grpclib's connection, but a close (keepalive timeout) never waits on a frozen peer,
+    and bytes that are not HTTP/2 get a log line before the connection is dropped."""
+
+    def feed(self, data: bytes) -> list[Any]:
+        try:
+            return super().feed(data)
+        except H2ProtocolError as exc:
+            peer = self.get_peer().addr() if hasattr(self, "_transport") else "?"
+            log.warning("Closing the connection from %s: not valid HTTP/2 (%s)", peer, exc)
+            raise
 
     def close(self) -> None:
         # transport.close() flushes first: with a peer that stopped reading it never ends.
