@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpclib.health.check import ServiceStatus
@@ -19,9 +19,25 @@ if TYPE_CHECKING:
 __all__ = ["health_service", "with_reflection"]
 
 
-def health_service(service: IServable, status: ServiceStatus) -> Health:
-    """grpc.health.v1 reporting ``status`` for ``service`` and for the server as a whole."""
-    return Health({service: [status], OVERALL: [status]})
+class _Named:
+    """Stands for a service name in grpclib's health checks (the original proto's)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __mapping__(self) -> dict[str, None]:
+        return {f"/{self.name}/_": None}
+
+
+def health_service(
+    service: IServable, status: ServiceStatus, *, aliases: tuple[str, ...] = ()
+) -> Health:
+    """grpc.health.v1 reporting ``status`` for ``service``, its ``aliases`` (other names it
+    answers under) and the server as a whole."""
+    checks: dict[Any, list[ServiceStatus]] = {service: [status], OVERALL: [status]}
+    for alias in aliases:
+        checks[_Named(alias)] = [status]
+    return Health(checks)
 
 
 def _pool() -> DescriptorPool:

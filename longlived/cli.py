@@ -131,7 +131,7 @@ async def run_clients(
                 task.cancel()
     finally:
         if metrics is not None:
-            metrics.close()
+            await asyncio.to_thread(metrics.close)
 
 
 async def _clients(settings: Settings, stop: asyncio.Event) -> None:

@@ -24,7 +24,6 @@ from grpclib.health.check import ServiceStatus
 
 from longlived._grpc import GrpcServer, grpc_config
 from longlived._proto.longlived import LonglivedBase, Request, Response
-from longlived._services import health_service, with_reflection
 from longlived._streamio import end_stream, recv_request, write_message
 from longlived._wire import HEARTBEAT_HEADER, check_request, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
@@ -203,9 +202,18 @@ class SubscriptionManager(LonglivedBase):
 
     def services(self) -> list[IServable]:
         """The gRPC services this server runs: itself, plus health and reflection."""
+        # imported here, not at module level: grpclib's health and reflection messages go into
+        # protobuf's default pool, where grpcio's copies of them clash (duplicate symbols);
+        # an app that never serves them can use grpcio's clients beside longlived
+        from longlived._services import health_service, with_reflection
+
         services: list[IServable] = [self]
         if self.settings.health:
-            services.append(health_service(self, self.health))
+            services.append(
+                health_service(
+                    self, self.health, aliases=tuple(f"{p}.Longlived" for p in PACKAGES[1:])
+                )
+            )
         if self.settings.reflection:
             services = with_reflection(services)
         return services
@@ -279,7 +287,8 @@ class SubscriptionManager(LonglivedBase):
             if self._server is not None:
                 self._server.close()  # idempotent; stops listening even if close() was cancelled
             if self._metrics is not None:
-                self._metrics.close()
+                # its shutdown waits out a poll interval: not on the event loop
+                await asyncio.to_thread(self._metrics.close)
             self._closed.set()
 
     async def wait_closed(self) -> None:
