@@ -43,3 +43,20 @@ async def manager(
         yield server
     finally:
         await server.close()
+
+
+@pytest.fixture
+def quiet(settings: Settings) -> Settings:
+    """``settings`` with a mock generator that never fires: tests publish their own events."""
+    return settings.model_copy(update={"interval": 3600.0})
+
+
+@pytest.fixture
+async def server(quiet: Settings, listener: socket.socket) -> AsyncIterator[SubscriptionManager]:
+    """A started ``SubscriptionManager`` with ``quiet`` settings."""
+    manager = SubscriptionManager(quiet)
+    await manager.start(sock=listener)
+    try:
+        yield manager
+    finally:
+        await manager.close()

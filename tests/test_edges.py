@@ -6,7 +6,6 @@ import asyncio
 import secrets
 import socket
 import struct
-from collections.abc import AsyncIterator
 
 import pytest
 from grpclib.client import Channel
@@ -31,21 +30,6 @@ from longlived.hub import EndReason
 from tests.helpers import channel_for, receive, subscription
 
 TIMEOUT = 10
-
-
-@pytest.fixture
-def quiet(settings: Settings) -> Settings:
-    return settings.model_copy(update={"interval": 3600.0})
-
-
-@pytest.fixture
-async def server(quiet: Settings, listener: socket.socket) -> AsyncIterator[SubscriptionManager]:
-    manager = SubscriptionManager(quiet)
-    await manager.start(sock=listener)
-    try:
-        yield manager
-    finally:
-        await manager.close()
 
 
 class Watched(ResilientClient):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import grpclib.const
 import grpclib.server
@@ -29,22 +28,6 @@ from longlived.hub import EndReason
 from tests.helpers import channel_for, drop_connections, receive, subscription
 
 TIMEOUT = 10
-
-
-@pytest.fixture
-def quiet(settings: Settings) -> Settings:
-    """Settings whose mock generator never fires: tests publish their own events."""
-    return settings.model_copy(update={"interval": 3600.0})
-
-
-@pytest.fixture
-async def server(quiet: Settings, listener: socket.socket) -> AsyncIterator[SubscriptionManager]:
-    manager = SubscriptionManager(quiet)
-    await manager.start(sock=listener)
-    try:
-        yield manager
-    finally:
-        await manager.close()
 
 
 async def paced(
