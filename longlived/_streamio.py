@@ -9,11 +9,13 @@ stop as soon as the subscriber is aborted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from typing import Any
 
 import grpclib.server
+from google.protobuf import message_factory
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -43,11 +45,19 @@ async def recv_request(
     if len(body) != size:
         raise GRPCError(Status.INVALID_ARGUMENT, f"truncated request: {len(body)} of {size} bytes")
     try:
+        # betterproto2 skips what it cannot read; protobuf's parser is strict about the wire
+        _strict_class(message_type).FromString(body)
         return message_type.FromString(body)
     except Exception as exc:
         raise GRPCError(
             Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
         ) from None
+
+
+@functools.cache
+def _strict_class(message_type: Any) -> Any:
+    """protobuf's own message class for a generated betterproto2 message type."""
+    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
 
 
 async def _read(proto: Any, size: int) -> bytes:

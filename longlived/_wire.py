@@ -13,6 +13,7 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "MAX_TOPICS",
     "MAX_TOPIC_LENGTH",
+    "NO_RETRY_HEADER",
     "check_request",
     "check_topics",
     "encode_message",
@@ -20,6 +21,9 @@ __all__ = [
 
 HEARTBEAT_HEADER = "longlived-heartbeat-ms"
 """Initial-metadata key: the heartbeat period the server granted, in milliseconds."""
+
+NO_RETRY_HEADER = "longlived-no-retry"
+"""Trailing-metadata key on a refusal that resending the same request cannot overcome."""
 
 MAX_TOPICS = 256
 MAX_TOPIC_LENGTH = 256

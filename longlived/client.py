@@ -30,7 +30,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from longlived._grpc import grpc_config
 from longlived._proto.longlived import Request, Response, ResponseKind
-from longlived._wire import HEARTBEAT_HEADER, check_topics
+from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.events import Position
@@ -245,9 +245,14 @@ class ResilientClient:
             self._path("Subscribe"), Cardinality.UNARY_STREAM, Request, Response,
             metadata=self._metadata or None,
         ) as stream:  # fmt: skip
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await stream.send_message(self._request(), end=True)
-                await stream.recv_initial_metadata()
+            try:
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await stream.send_message(self._request(), end=True)
+                    await stream.recv_initial_metadata()
+            except GRPCError as exc:
+                if NO_RETRY_HEADER in (stream.trailing_metadata or {}):
+                    raise SubscriptionClosed(exc.status.name, exc.message) from exc
+                raise
             silence = self._silence(stream.initial_metadata)
             self._set_connected(True)
             try:

@@ -25,7 +25,7 @@ from grpclib.health.check import ServiceStatus
 from longlived._grpc import GrpcServer, grpc_config
 from longlived._proto.longlived import LonglivedBase, Request, Response
 from longlived._streamio import end_stream, recv_request, write_message
-from longlived._wire import HEARTBEAT_HEADER, check_request, encode_message
+from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_request, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.hub import EndReason, Hub, Position, Subscriber
 from longlived.metrics import MetricsServer, Sample, serve_metrics
@@ -343,12 +343,23 @@ class SubscriptionManager(LonglivedBase):
             request: Request = await recv_request(
                 stream, Request, max_size=self.settings.limits.max_message_size
             )
-            check_request(request)
         except GRPCError as exc:
-            raise self._reject(exc.status, exc.message or "bad request", peer) from None
+            error = self._reject(exc.status, exc.message or "bad request", peer)
+            if exc.status is Status.RESOURCE_EXHAUSTED:
+                # too large: unlike "too many subscribers", sending it again cannot help
+                await stream.send_trailing_metadata(
+                    status=exc.status,
+                    status_message=exc.message,
+                    metadata={NO_RETRY_HEADER: "request can never be accepted"},
+                )
+            raise error from None
         caller = await self.authenticate(stream.metadata or {})
         if caller is None:
             raise self._reject(Status.UNAUTHENTICATED, "missing or invalid bearer token", peer)
+        try:
+            check_request(request)  # after authentication: strangers learn nothing of the rules
+        except GRPCError as exc:
+            raise self._reject(exc.status, exc.message or "bad request", peer) from None
         return request, caller
 
     async def _rpc_subscribe(self, stream: grpclib.server.Stream[Request, bytes]) -> None:

@@ -506,8 +506,11 @@ async def test_metrics_count_rejected_calls_by_status(
         async with running(secured, listener) as manager:
             assert await refused(lambda: subscribe_without_token(1)) is Status.UNAUTHENTICATED
             assert await refused(lambda: unsubscribe(channel, 1, "wrong")) is Status.UNAUTHENTICATED
-            # the request is checked before the caller
-            assert await refused(lambda: subscribe_without_token(-1)) is Status.INVALID_ARGUMENT
+            # the caller is checked before the request: strangers learn nothing of the rules
+            assert await refused(lambda: subscribe_without_token(-1)) is Status.UNAUTHENTICATED
+            assert (
+                await refused(lambda: unsubscribe(channel, -1, "s3cret")) is Status.INVALID_ARGUMENT
+            )
             # a caller with a valid token is not refused
             assert await refused(lambda: unsubscribe(channel, 1, "s3cret")) is Status.NOT_FOUND
             page = await scrape(manager.metrics_port)
@@ -518,7 +521,7 @@ async def test_metrics_count_rejected_calls_by_status(
         }
         assert rejected == {
             'longlived_rejected_calls_total{status="INVALID_ARGUMENT"}': 1,
-            'longlived_rejected_calls_total{status="UNAUTHENTICATED"}': 2,
+            'longlived_rejected_calls_total{status="UNAUTHENTICATED"}': 3,
         }
     finally:
         channel.close()
