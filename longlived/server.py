@@ -17,17 +17,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 
 from longlived._grpc import GrpcServer, grpc_config
-from longlived._proto.longlived import LonglivedBase, Request, Response
-from longlived._streamio import end_stream, recv_request, write_message
-from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_request, encode_message
+from longlived._handlers import PACKAGES, ServiceHandlers
+from longlived._proto.longlived import Request, Response
+from longlived._wire import check_request, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
-from longlived.hub import EndReason, Hub, Position, Subscriber
+from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, serve_metrics
 from longlived.settings import Settings
 from longlived.tls import server_context
@@ -35,29 +34,17 @@ from longlived.tls import server_context
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
-    import grpclib.server
     from grpclib._typing import IServable
 
 __all__ = ["PACKAGES", "SubscriptionManager"]
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("longlived", "protos")
-"""Proto packages whose ``Longlived`` paths the server answers on."""
-
 _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
 
-_END_STATUS = {
-    EndReason.UNSUBSCRIBED: Status.OK,
-    EndReason.REPLACED: Status.OK,
-    EndReason.TOO_SLOW: Status.RESOURCE_EXHAUSTED,
-    EndReason.SHUTDOWN: Status.UNAVAILABLE,
-    EndReason.MAX_AGE: Status.UNAVAILABLE,
-}
 
-
-class SubscriptionManager(LonglivedBase):
+class SubscriptionManager(ServiceHandlers):
     """The server: holds subscriptions, pushes events down them, drains cleanly.
 
     Use it as an async context manager (or call ``start`` and ``close``)::
@@ -314,137 +301,6 @@ class SubscriptionManager(LonglivedBase):
             raise
         except Exception:
             log.exception("The event source failed; no more events will be produced")
-
-    # ------------------------------------------------------------------- handlers
-
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        mapping = {}
-        for package in PACKAGES:
-            mapping[f"/{package}.Longlived/Subscribe"] = grpclib.const.Handler(
-                self._rpc_subscribe, grpclib.const.Cardinality.UNARY_STREAM, Request, Response
-            )
-            mapping[f"/{package}.Longlived/Unsubscribe"] = grpclib.const.Handler(
-                self._rpc_unsubscribe, grpclib.const.Cardinality.UNARY_UNARY, Request, Response
-            )
-        return mapping
-
-    def _reject(self, status: Status, message: str, peer: object = None) -> GRPCError:
-        """Count, log and build the error for a refused call."""
-        self.rejected[status.name] += 1
-        log.warning("Refused a call from %s: %s (%s)", peer or "?", message, status.name)
-        return GRPCError(status, message)
-
-    async def _admit(
-        self, stream: grpclib.server.Stream[Request, object]
-    ) -> tuple[Request, Caller]:
-        """Read, check and authenticate the request, or raise the status that refuses it."""
-        peer = stream.peer.addr() if stream.peer is not None else None
-        try:
-            request: Request = await recv_request(
-                stream, Request, max_size=self.settings.limits.max_message_size
-            )
-        except GRPCError as exc:
-            error = self._reject(exc.status, exc.message or "bad request", peer)
-            if exc.status is Status.RESOURCE_EXHAUSTED:
-                # too large: unlike "too many subscribers", sending it again cannot help
-                await stream.send_trailing_metadata(
-                    status=exc.status,
-                    status_message=exc.message,
-                    metadata={NO_RETRY_HEADER: "request can never be accepted"},
-                )
-            raise error from None
-        caller = await self.authenticate(stream.metadata or {})
-        if caller is None:
-            raise self._reject(Status.UNAUTHENTICATED, "missing or invalid bearer token", peer)
-        try:
-            check_request(request)  # after authentication: strangers learn nothing of the rules
-        except GRPCError as exc:
-            raise self._reject(exc.status, exc.message or "bad request", peer) from None
-        return request, caller
-
-    async def _rpc_subscribe(self, stream: grpclib.server.Stream[Request, bytes]) -> None:
-        request, caller = await self._admit(stream)  # type: ignore[arg-type]  # send type unused
-        id = request.id
-        if self._closing:
-            raise self._reject(Status.UNAVAILABLE, "server shutting down")
-        if not self.authorize_subscribe(caller, request):
-            raise self._reject(Status.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
-        current = self.hub.get(id)
-        if current is not None and not self.authorize_unsubscribe(caller, id, current.owner):
-            # replacing a subscription ends it: the same rule as Unsubscribe
-            raise self._reject(
-                Status.PERMISSION_DENIED, f"{caller.name} may not replace the subscription {id}"
-            )
-        if id not in self.hub and len(self.hub) >= self.settings.limits.max_subscribers:
-            limit = self.settings.limits.max_subscribers
-            raise self._reject(Status.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
-        log.info("Received subscribe request from ID: %d", id)
-        sub = self.hub.register(
-            id,
-            topics=request.topics,
-            resume=request.resume_token,
-            control=request.accept_control or request.heartbeat_ms > 0,
-            owner=caller.name,
-        )
-        try:
-            await self._stream(stream, sub, request)
-        except asyncio.CancelledError:
-            if sub.end_reason is None:
-                log.info("Client ID %d disconnected", id)
-            raise
-        except Exception as exc:
-            log.warning("Failed to send data to client %d: %r", id, exc)
-            raise
-        finally:
-            self.hub.release(sub)
-
-    async def _stream(
-        self, stream: grpclib.server.Stream[Request, bytes], sub: Subscriber, request: Request
-    ) -> None:
-        """Write ``sub``'s messages (heartbeats when idle) until it ends, then its status."""
-        heartbeat = (
-            max(request.heartbeat_ms / 1000, self.settings.heartbeat.min_interval)
-            if request.heartbeat_ms
-            else None
-        )
-        age = self._max_age_timer(sub)
-        try:
-            # the client judges silence by the period actually granted
-            granted = {HEARTBEAT_HEADER: str(round(heartbeat * 1000))} if heartbeat else None
-            await stream.send_initial_metadata(metadata=granted)
-            while (batch := await sub.take(idle=heartbeat)) is not None:
-                for message in batch or [self.hub.heartbeat()]:
-                    if not await write_message(stream, message, sub.aborted):
-                        break
-                    self.messages_sent += 1
-        finally:
-            if age is not None:
-                age.cancel()
-        reason = sub.end_reason
-        assert reason is not None
-        log.info("Stream of client ID %d ended: %s", sub.id, reason.value)
-        await end_stream(
-            stream, _END_STATUS[reason], reason.value, timeout=self.settings.drain_timeout
-        )
-
-    def _max_age_timer(self, sub: Subscriber) -> asyncio.TimerHandle | None:
-        """End ``sub`` after ``max_connection_age`` ±10 % (one timer per stream)."""
-        age = self.settings.max_connection_age
-        if age is None:
-            return None
-        delay = age * self._rng.uniform(0.9, 1.1)
-        return asyncio.get_running_loop().call_later(
-            delay, self.hub.end_subscriber, sub, EndReason.MAX_AGE
-        )
-
-    async def _rpc_unsubscribe(self, stream: grpclib.server.Stream[Request, Response]) -> None:
-        request, caller = await self._admit(stream)  # type: ignore[arg-type]  # send type unused
-        sub = self.hub.get(request.id)
-        if sub is not None and not self.authorize_unsubscribe(caller, request.id, sub.owner):
-            raise self._reject(
-                Status.PERMISSION_DENIED, f"{caller.name} may not unsubscribe {request.id}"
-            )
-        await stream.send_message(await self.unsubscribe(request))
 
     # ------------------------------------------------- the generated service methods
 
