@@ -19,7 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived._proto.longlived import LonglivedBase, Request, Response
-from longlived._streamio import end_stream, recv_request, write_message
+from longlived._streamio import end_stream, recv_request, write_messages
 from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_request
 from longlived.auth import Caller
 from longlived.hub import EndReason, Hub, Subscriber
@@ -164,10 +164,10 @@ class ServiceHandlers(LonglivedBase):
             granted = {HEARTBEAT_HEADER: str(round(heartbeat * 1000))} if heartbeat else None
             await stream.send_initial_metadata(metadata=granted)
             while (batch := await sub.take(idle=heartbeat)) is not None:
-                for message in batch or [self.hub.heartbeat()]:
-                    if not await write_message(stream, message, sub.aborted):
-                        break
-                    self.messages_sent += 1
+                # an abort leaves the rest unwritten; take() then reports the end
+                self.messages_sent += await write_messages(
+                    stream, batch or [self.hub.heartbeat()], sub.aborted
+                )
         finally:
             if age is not None:
                 age.cancel()

@@ -19,7 +19,7 @@ from google.protobuf import message_factory
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-__all__ = ["end_stream", "recv_request", "write_message"]
+__all__ = ["end_stream", "recv_request", "write_message", "write_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,58 @@ async def write_message(
             if sent:
                 await _reset(stream)
             return False
-        size = min(window, h2_conn.max_outbound_frame_size, len(data) - sent)
-        h2_conn.send_data(proto.id, bytes(data[sent : sent + size]))
-        proto._transport.write(h2_conn.data_to_send())
-        proto.data_sent += size
-        proto.connection.data_sent += size
-        proto.connection.data_send_process()
+        size = min(window, len(data) - sent)
+        _send(proto, data[sent : sent + size])
         sent += size
-    proto.connection.messages_sent += 1
     return True
+
+
+async def write_messages(
+    stream: grpclib.server.Stream[Any, Any], messages: list[bytes], abort: asyncio.Event
+) -> int:
+    """Write ``messages`` in order; how many were written (fewer only if ``abort`` was set).
+
+    As many whole messages as the peer's window takes go out in one write (gRPC allows
+    several length-prefixed messages in a DATA frame), so a subscriber that is behind
+    catches up with few writes, and one that is current pays one write per message.
+    """
+    proto = stream._stream
+    assert proto.id is not None
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    h2_conn = proto._h2_connection
+    written = 0
+    while written < len(messages):
+        first = len(messages[written]) + 5
+        window = await _room(proto, min(first, h2_conn.remote_settings.initial_window_size), abort)
+        if not window:
+            return written
+        if first > window:  # larger than the whole window: in pieces
+            if not await write_message(stream, messages[written], abort):
+                return written
+            written += 1
+            continue
+        parts: list[bytes] = []
+        size = 0
+        while written < len(messages) and size + len(messages[written]) + 5 <= window:
+            message = messages[written]
+            parts += (struct.pack(">?I", False, len(message)), message)
+            size += len(message) + 5
+            written += 1
+        _send(proto, memoryview(b"".join(parts)))
+    return written
+
+
+def _send(proto: Any, data: memoryview) -> None:
+    """Hand ``data`` (which fits the window) to h2 in frame-sized pieces; one socket write."""
+    h2_conn = proto._h2_connection
+    step = h2_conn.max_outbound_frame_size
+    for start in range(0, len(data), step):
+        h2_conn.send_data(proto.id, bytes(data[start : start + step]))
+    proto._transport.write(h2_conn.data_to_send())
+    proto.data_sent += len(data)
+    proto.connection.data_sent += len(data)
+    proto.connection.data_send_process()
 
 
 async def _reset(stream: grpclib.server.Stream[Any, Any]) -> None:
