@@ -112,9 +112,12 @@ class _Protocol(H2Protocol):
         super().connection_made(transport)
         self.connection.__class__ = _Connection
         # h2 advertises 100 by default: a client's 101st stream on one connection would hang.
-        self.connection._connection.update_settings(
-            {SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams}
-        )
+        h2_conn = self.connection._connection
+        h2_conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        # h2 enforces its own new limit only once the peer acknowledges it, so a client that
+        # opens streams before reading this SETTINGS frame would be cut off at 100. Raising
+        # our own limit at once is safe.
+        h2_conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS][0] = self.max_streams
         self.connection.flush()
         self.registry.add(self)
         self.idle.clear()
