@@ -7,11 +7,14 @@ place that sets them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+import betterproto2
 import grpclib.server
+from google.protobuf import message_factory
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
     from longlived.settings import KeepaliveSettings
 
-__all__ = ["GrpcServer", "PassThroughCodec", "grpc_config"]
+__all__ = ["GrpcServer", "PassThroughCodec", "decode_request", "grpc_config", "too_large"]
 
 
 def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
@@ -66,19 +69,41 @@ class PassThroughCodec(CodecBase):
         return message.SerializeToString()  # type: ignore[no-any-return]  # any protobuf message
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        if len(data) > self.max_size:
-            log.warning("Rejected a %d-byte request (limit %d)", len(data), self.max_size)
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"request of {len(data)} bytes exceeds the limit of {self.max_size}",
-            )
+        # used for the services grpclib runs itself (health, reflection); the Longlived
+        # handlers read their request with _streamio.recv_request, which logs on refusal
         try:
-            return message_type.FromString(data)
-        except Exception as exc:
-            log.warning("Rejected a malformed %s: %s", message_type.__name__, exc)
-            raise GRPCError(
-                Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
-            ) from None
+            return decode_request(data, message_type, max_size=self.max_size)
+        except GRPCError as exc:
+            log.warning("Rejected a request: %s (%s)", exc.message, exc.status.name)
+            raise
+
+
+def too_large(size: int, max_size: int) -> GRPCError:
+    """The status for a request of ``size`` bytes over the limit."""
+    return GRPCError(
+        Status.RESOURCE_EXHAUSTED, f"request of {size} bytes exceeds the limit of {max_size}"
+    )
+
+
+def decode_request(data: bytes, message_type: Any, *, max_size: int) -> Any:
+    """Decode one request body, or raise the status that names what is wrong with it."""
+    if len(data) > max_size:
+        raise too_large(len(data), max_size)
+    try:
+        if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
+            # betterproto2 skips what it cannot read; protobuf's parser is strict about the wire
+            _strict_class(message_type).FromString(data)
+        return message_type.FromString(data)
+    except Exception as exc:
+        raise GRPCError(
+            Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+        ) from None
+
+
+@functools.cache
+def _strict_class(message_type: Any) -> Any:
+    """protobuf's own message class for a generated betterproto2 message type."""
+    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
 
 
 class _Connection(Connection):

@@ -9,15 +9,15 @@ stop as soon as the subscriber is aborted.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
 from typing import Any
 
 import grpclib.server
-from google.protobuf import message_factory
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+
+from longlived._grpc import decode_request, too_large
 
 __all__ = ["end_stream", "recv_request", "write_message", "write_messages"]
 
@@ -37,27 +37,12 @@ async def recv_request(
     compressed, size = struct.unpack(">?I", prefix)
     if compressed:
         raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")
-    if size > max_size:
-        raise GRPCError(
-            Status.RESOURCE_EXHAUSTED, f"request of {size} bytes exceeds the limit of {max_size}"
-        )
+    if size > max_size:  # judged from the prefix, before the body is read into memory
+        raise too_large(size, max_size)
     body = await _read(proto, size)
     if len(body) != size:
         raise GRPCError(Status.INVALID_ARGUMENT, f"truncated request: {len(body)} of {size} bytes")
-    try:
-        # betterproto2 skips what it cannot read; protobuf's parser is strict about the wire
-        _strict_class(message_type).FromString(body)
-        return message_type.FromString(body)
-    except Exception as exc:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
-        ) from None
-
-
-@functools.cache
-def _strict_class(message_type: Any) -> Any:
-    """protobuf's own message class for a generated betterproto2 message type."""
-    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
+    return decode_request(body, message_type, max_size=max_size)
 
 
 async def _read(proto: Any, size: int) -> bytes:
