@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from longlived import BackoffSettings, Settings, SubscriptionManager
+from tests.helpers import running
 
 
 @pytest.fixture
@@ -37,12 +38,8 @@ async def manager(
     settings: Settings, listener: socket.socket
 ) -> AsyncIterator[SubscriptionManager]:
     """A started ``SubscriptionManager`` (mock generator on) on ``listener``."""
-    server = SubscriptionManager(settings)
-    await server.start(sock=listener)
-    try:
+    async with running(settings, listener) as server:
         yield server
-    finally:
-        await server.close()
 
 
 @pytest.fixture
@@ -54,9 +51,5 @@ def quiet(settings: Settings) -> Settings:
 @pytest.fixture
 async def server(quiet: Settings, listener: socket.socket) -> AsyncIterator[SubscriptionManager]:
     """A started ``SubscriptionManager`` with ``quiet`` settings."""
-    manager = SubscriptionManager(quiet)
-    await manager.start(sock=listener)
-    try:
+    async with running(quiet, listener) as manager:
         yield manager
-    finally:
-        await manager.close()

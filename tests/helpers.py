@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -47,6 +48,21 @@ async def receive(stream: Subscription, count: int, *, timeout: float = 5) -> li
             assert message is not None, f"stream ended after {len(received)} messages"
             received.append(message.data)
     return received
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings,
+    sock: socket.socket,
+    manager: type[SubscriptionManager] = SubscriptionManager,
+) -> AsyncIterator[SubscriptionManager]:
+    """A started server of class ``manager`` on ``sock``, closed on the way out."""
+    server = manager(settings)
+    await server.start(sock=sock)
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 def drop_connections(server: SubscriptionManager) -> int:

@@ -40,7 +40,7 @@ from longlived import (
     SubscriptionManager,
 )
 from longlived.metrics import serve_metrics
-from tests.helpers import Subscription, channel_for, receive, subscription
+from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 10
 
@@ -169,17 +169,6 @@ async def probe(address: str) -> Any:
     async with child("-c", STOCK_CLIENT, "probe", address) as proc, asyncio.timeout(TIMEOUT):
         [line] = await output_of(proc)
     return json.loads(line)
-
-
-@asynccontextmanager
-async def running(settings: Settings, sock: socket.socket) -> AsyncIterator[SubscriptionManager]:
-    """A started ``SubscriptionManager`` on ``sock``, closed on the way out."""
-    manager = SubscriptionManager(settings)
-    await manager.start(sock=sock)
-    try:
-        yield manager
-    finally:
-        await manager.close()
 
 
 @dataclass(frozen=True, slots=True)

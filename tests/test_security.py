@@ -10,7 +10,6 @@ import asyncio
 import collections
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from longlived import (
     load_settings,
 )
 from longlived._grpc import PassThroughCodec
-from tests.helpers import Subscription, channel_for, receive, subscription
+from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 5
 TOKENS = {"tok-a": "alice", "tok-b": "bob"}
@@ -83,21 +82,6 @@ def pki(tmp_path: Path) -> Pki:
             blob.write_to_path(str(cert_path), append=True)
         cert.private_key_pem.write_to_path(str(key_path))
     return pki
-
-
-@asynccontextmanager
-async def serving(
-    listener: socket.socket,
-    settings: Settings,
-    manager: type[SubscriptionManager] = SubscriptionManager,
-) -> AsyncIterator[SubscriptionManager]:
-    """A started server of class ``manager`` on ``listener``, closed on exit."""
-    server = manager(settings)
-    await server.start(sock=listener)
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def with_token(settings: Settings, token: str | None) -> Settings:
@@ -154,7 +138,7 @@ async def test_tls_client_trusting_the_ca_receives(
     )
     client_settings = settings.model_copy(update={"tls": TlsSettings(ca=pki.ca)})
     async with (
-        serving(listener, server_settings) as server,
+        running(server_settings, listener) as server,
         ResilientClient(3, settings=client_settings) as client,
     ):
         async with asyncio.timeout(TIMEOUT):
@@ -171,7 +155,7 @@ async def test_plaintext_client_cannot_talk_to_a_tls_server(
     )
     plain = settings.model_copy(update={"backoff": BackoffSettings(initial=0.01, max_attempts=2)})
     async with (
-        serving(listener, server_settings) as server,
+        running(server_settings, listener) as server,
         ResilientClient(3, settings=plain) as client,
     ):
         with pytest.raises(RetriesExhausted):
@@ -201,7 +185,7 @@ async def test_unverifiable_server_raises_tls_error_without_retrying(
     client_tls = TlsSettings(ca=getattr(pki, tls["ca"]), server_name=tls.get("server_name"))
     client_settings = settings.model_copy(update={"tls": client_tls})
     async with (
-        serving(listener, server_settings) as server,
+        running(server_settings, listener) as server,
         ResilientClient(3, settings=client_settings) as client,
     ):
         with pytest.raises(TlsError) as info:
@@ -230,7 +214,7 @@ async def test_mutual_tls_admits_certified_clients_only(
         }
     )
     async with (
-        serving(listener, server_settings) as server,
+        running(server_settings, listener) as server,
         ResilientClient(1, settings=certified) as member,
         ResilientClient(2, settings=anonymous) as stranger,
     ):
@@ -304,7 +288,7 @@ async def test_unauthenticated_subscribe_is_refused_without_retry(
     listener: socket.socket, auth_settings: Settings, token: str | None
 ) -> None:
     async with (
-        serving(listener, auth_settings) as server,
+        running(auth_settings, listener) as server,
         ResilientClient(1, settings=with_token(auth_settings, token)) as client,
     ):
         with pytest.raises(SubscriptionClosed) as info:
@@ -324,7 +308,7 @@ async def test_only_the_owner_may_unsubscribe(
     listener: socket.socket, auth_settings: Settings
 ) -> None:
     async with (
-        serving(listener, auth_settings) as server,
+        running(auth_settings, listener) as server,
         ResilientClient(1, settings=with_token(auth_settings, "tok-a")) as alice,
         ResilientClient(1, settings=with_token(auth_settings, "tok-b")) as bob,
     ):
@@ -354,7 +338,7 @@ async def test_another_caller_cannot_take_over_a_subscription(
 ) -> None:
     """Subscribing with a taken id would end the owner's stream: the Unsubscribe rule applies."""
     async with (
-        serving(listener, auth_settings) as server,
+        running(auth_settings, listener) as server,
         ResilientClient(1, settings=with_token(auth_settings, "tok-a")) as alice,
         ResilientClient(1, settings=with_token(auth_settings, "tok-b")) as bob,
     ):
@@ -389,7 +373,7 @@ async def test_authorize_subscribe_override_refuses_other_ids(
     listener: socket.socket, auth_settings: Settings
 ) -> None:
     async with (
-        serving(listener, auth_settings, AllowListManager) as server,
+        running(auth_settings, listener, AllowListManager) as server,
         ResilientClient(1, settings=with_token(auth_settings, "tok-a")) as alice,
         ResilientClient(1, settings=with_token(auth_settings, "tok-b")) as bob_as_1,
         ResilientClient(2, settings=with_token(auth_settings, "tok-b")) as bob,
@@ -421,7 +405,7 @@ async def test_max_subscribers_refuses_new_ids_but_not_resubscribes(
     channel, other = channel_for(limited), raw_channel(limited)
     try:
         async with (
-            serving(listener, limited) as server,
+            running(limited, listener) as server,
             subscription(channel, 1) as one,
             subscription(channel, 2) as two,
         ):
@@ -455,7 +439,7 @@ async def test_oversized_request_is_resource_exhausted(
     assert size > 1024
     channel, other = channel_for(limited), raw_channel(limited)
     try:
-        async with serving(listener, limited) as server, subscription(channel, 1) as one:
+        async with running(limited, listener) as server, subscription(channel, 1) as one:
             error = await refusal(other, request)
             assert error.status is Status.RESOURCE_EXHAUSTED
             assert error.message == f"request of {size} bytes exceeds the limit of 1024"
@@ -481,7 +465,7 @@ async def test_client_whose_request_is_too_large_gives_up_at_once(
     )
     topics = [f"{n:03}" + "t" * 197 for n in range(10)]
     async with (
-        serving(listener, limited),
+        running(limited, listener),
         ResilientClient(5, settings=limited, topics=topics) as client,
     ):
         with pytest.raises(SubscriptionClosed) as info:
@@ -542,6 +526,9 @@ async def test_invalid_request_is_invalid_argument(
         # the decoder turns a field with the wrong wire type into None: caught after it
         pytest.param(b"\x0f", id="id-with-wire-type-7"),
         pytest.param(b"\x1b", id="topic-with-wire-type-3"),
+        # betterproto2 alone would read these as a Request: protobuf's strict parser does not
+        pytest.param(b"garbage bytes!", id="ascii-garbage"),
+        pytest.param(b"\x12\x10ab", id="truncated-resume-token"),
     ],
 )
 async def test_undecodable_request_is_invalid_argument(
@@ -557,29 +544,6 @@ async def test_undecodable_request_is_invalid_argument(
             assert error.message.startswith("malformed Request message: ")
             assert server.rejected == collections.Counter({"INVALID_ARGUMENT": 1})
             assert server.subscribers == [1]
-            await still_receives(server, one, 1)
-    finally:
-        channel.close()
-        other.close()
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        pytest.param(b"garbage bytes!", id="ascii-garbage"),
-        pytest.param(b"\x12\x10ab", id="truncated-resume-token"),
-    ],
-)
-async def test_corrupt_wire_data_is_invalid_argument(
-    server: SubscriptionManager, quiet: Settings, payload: bytes
-) -> None:
-    channel, other = channel_for(quiet), raw_channel(quiet)
-    try:
-        async with subscription(channel, 1) as one:
-            error = await refusal(other, payload)
-            assert error.status is Status.INVALID_ARGUMENT
-            assert error.message is not None
-            assert error.message.startswith("malformed Request message")
             await still_receives(server, one, 1)
     finally:
         channel.close()
