@@ -214,17 +214,22 @@ class Hub:
     def publish(self, data: str, *, topic: str = "") -> Position:
         """Emit ``data`` to every subscriber whose topics match; returns its position."""
         event = self._emit(data, topic, None)
-        for sub in list(self._subscribers.values()):
-            if not sub.topics or topic in sub.topics:
-                self._offer(sub, event)
+        # no copy of the table per event: subscribers that overflow are ended afterwards
+        too_slow = [
+            sub
+            for sub in self._subscribers.values()
+            if (not sub.topics or topic in sub.topics) and self._offer(sub, event)
+        ]
+        for sub in too_slow:
+            self._end(sub, EndReason.TOO_SLOW)
         return self.head
 
     def send(self, id: int, data: str) -> Position:
         """Emit ``data`` to subscriber ``id`` only (kept for its resume even if absent now)."""
         event = self._emit(data, "", id)
         sub = self._subscribers.get(id)
-        if sub is not None:
-            self._offer(sub, event)
+        if sub is not None and self._offer(sub, event):
+            self._end(sub, EndReason.TOO_SLOW)
         return self.head
 
     def _emit(self, data: str, topic: str, target: int | None) -> Event:
@@ -235,18 +240,18 @@ class Hub:
         self._history.append(event)
         return event
 
-    def _offer(self, sub: Subscriber, event: Event) -> None:
+    def _offer(self, sub: Subscriber, event: Event) -> bool:
+        """Queue ``event`` for ``sub``; True if ``sub`` overflowed and must be ended."""
         if sub.end_reason is not None:
-            return
+            return False
         if not sub.full():
             sub.put(event.message)
-            return
+            return False
         self.stats.slow += 1
         if self.policy == "disconnect":
             log.warning("Subscriber %d is too slow (%d messages queued): ending its stream",
                         sub.id, sub.queued)  # fmt: skip
-            self._end(sub, EndReason.TOO_SLOW)
-            return
+            return True
         log.warning("Subscriber %d is too slow (%d messages queued): dropping them",
                     sub.id, sub.queued)  # fmt: skip
         sub.drop_all()
@@ -254,6 +259,7 @@ class Hub:
             self.stats.resets += 1
             position = Position(self.epoch, event.seq)
             sub.put(self._encode(Kind.RESET, position, "subscriber too slow: events dropped", ""))
+        return False
 
     def heartbeat(self) -> bytes:
         """A HEARTBEAT message carrying the current head position."""
