@@ -19,7 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived._proto.longlived import LonglivedBase, Request, Response
-from longlived._streamio import end_stream, recv_request, write_messages
+from longlived._transport import end_stream, recv_request, write_messages
 from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_request
 from longlived.auth import Caller
 from longlived.hub import EndReason, Hub, Subscriber

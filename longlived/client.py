@@ -28,8 +28,8 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from longlived._grpc import grpc_config
 from longlived._proto.longlived import Request, Response, ResponseKind
+from longlived._transport import grpc_config
 from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError

@@ -21,9 +21,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 
-from longlived._grpc import GrpcServer, grpc_config
 from longlived._handlers import PACKAGES, ServiceHandlers
 from longlived._proto.longlived import Request, Response
+from longlived._transport import GrpcServer, grpc_config
 from longlived._wire import check_request, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.hub import EndReason, Hub, Position

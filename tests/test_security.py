@@ -36,7 +36,7 @@ from longlived import (
     TlsSettings,
     load_settings,
 )
-from longlived._grpc import PassThroughCodec
+from longlived._transport import PassThroughCodec
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 5
