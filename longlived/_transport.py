@@ -1,28 +1,52 @@
 """The transport: the one module that touches grpclib and h2 internals.
 
-Codec, HTTP/2 settings, keepalive (grpclib exposes it only as private ``Configuration``
-fields), the connection registry, bounded request reads and abortable writes.
+Everything grpclib 0.4 does not offer as public API lives here, and
+``tests/test_transport_contract.py`` pins each assumption it makes:
+
+- keepalive (grpclib has it only as private ``Configuration`` fields);
+- the codec that passes encoded bytes through, so an event is encoded once;
+- per-connection limits, enforced when a stream arrives: streams whose request has not
+  fully arrived, request metadata size, and the rate of streams the peer resets (the
+  HTTP/2 "rapid reset" pattern gets GOAWAY ENHANCE_YOUR_CALM, as grpc-go and nginx do);
+- ``StreamCall``: a ``CallTransport`` over a grpclib server stream. Requests are checked
+  from their 5-byte prefix before the body is read. Writes follow grpclib's rule (send as
+  soon as the flow-control window is positive, check write readiness before every write)
+  and hand the socket at most ``WRITE_CAP`` bytes per write, so a peer that stops reading
+  holds at most about that much per connection in userspace buffers;
+- GOAWAY, drain and the registry of open connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import socket
 import struct
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import betterproto2
+import grpclib.const
 import grpclib.server
-from google.protobuf import message_factory
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
+from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import Connection, H2Protocol
+from grpclib.protocol import Stream as H2Stream
+from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.exceptions import StreamClosedError as H2StreamClosedError
 from h2.settings import SettingCodes
+
+from longlived._aio import wait_first
+from longlived._call import CallHost, SubscribeCall, UnsubscribeCall
+from longlived._proto.longlived import Request, Response
+from longlived._status import CallError, Code
+from longlived._wire import NO_RETRY_HEADER, PACKAGES, decode_request, too_large
 
 if TYPE_CHECKING:
     from grpclib._typing import IServable
@@ -30,16 +54,31 @@ if TYPE_CHECKING:
     from longlived.settings import KeepaliveSettings
 
 __all__ = [
+    "WRITE_CAP",
+    "ConnectionLimits",
     "GrpcServer",
     "PassThroughCodec",
-    "decode_request",
-    "end_stream",
+    "StreamCall",
     "grpc_config",
-    "recv_request",
-    "too_large",
-    "write_message",
-    "write_messages",
+    "guarded",
+    "longlived_mapping",
 ]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=betterproto2.Message)
+
+WRITE_CAP = 65_536
+"""Bytes one stream hands the socket per write; readiness is checked before each write."""
+
+_HIGH_WATER = 65_536
+"""Connection write buffer at which writers pause (asyncio's default, set explicitly)."""
+
+_HEADER_LIST_HARD_LIMIT = 1 << 20
+"""Decoded header block size at which the connection is dropped (HPACK state cannot be
+skipped); below it, ``ConnectionLimits.max_metadata_size`` fails just the one stream."""
+
+_PREFIX = struct.Struct(">?I").pack
 
 
 def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
@@ -58,7 +97,8 @@ def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None)
     )
 
 
-log = logging.getLogger(__name__)
+def _grpc_error(exc: CallError) -> GRPCError:
+    return GRPCError(Status(exc.code.value), exc.message)
 
 
 class PassThroughCodec(CodecBase):
@@ -80,54 +120,108 @@ class PassThroughCodec(CodecBase):
         return message.SerializeToString()  # type: ignore[no-any-return]  # any protobuf message
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        # used for the services grpclib runs itself (health, reflection); the Longlived
-        # handlers read their request with _streamio.recv_request, which logs on refusal
+        # used by the services grpclib runs itself (health, reflection: protobuf classes)
         try:
-            return decode_request(data, message_type, max_size=self.max_size)
-        except GRPCError as exc:
-            log.warning("Rejected a request: %s (%s)", exc.message, exc.status.name)
-            raise
+            if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
+                return decode_request(data, message_type, max_size=self.max_size)
+            if len(data) > self.max_size:
+                raise too_large(len(data), self.max_size)
+            try:
+                return message_type.FromString(data)
+            except Exception as exc:
+                raise CallError(
+                    Code.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+                ) from None
+        except CallError as exc:
+            log.warning("Rejected a request: %s (%s)", exc.message, exc.code.name)
+            raise _grpc_error(exc) from None
 
 
-def too_large(size: int, max_size: int) -> GRPCError:
-    """The status for a request of ``size`` bytes over the limit."""
-    return GRPCError(
-        Status.RESOURCE_EXHAUSTED, f"request of {size} bytes exceeds the limit of {max_size}"
-    )
+# ------------------------------------------------------------------- connections
 
 
-def decode_request(data: bytes, message_type: Any, *, max_size: int) -> Any:
-    """Decode one request body, or raise the status that names what is wrong with it."""
-    if len(data) > max_size:
-        raise too_large(len(data), max_size)
-    try:
-        if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
-            # betterproto2 skips what it cannot read; protobuf's parser is strict about the wire
-            _strict_class(message_type).FromString(data)
-        return message_type.FromString(data)
-    except Exception as exc:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
-        ) from None
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may hold or do (see the README's settings table)."""
+
+    max_streams: int = 1024
+    """HTTP/2 MAX_CONCURRENT_STREAMS the server advertises and enforces."""
+    max_pending: int = 100
+    """Streams whose request has not fully arrived yet; more are refused."""
+    max_metadata_size: int = 16_384
+    """Request metadata bytes (HPACK-decoded size) per stream; more fail that stream."""
+    resets_per_second: float = 100.0
+    """Sustained rate of streams the peer may reset before it gets GOAWAY."""
+    reset_burst: int = 1000
+    """Resets allowed at once on top of the rate."""
 
 
-@functools.cache
-def _strict_class(message_type: Any) -> Any:
-    """protobuf's own message class for a generated betterproto2 message type."""
-    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
+class _Bucket:
+    """A token bucket: ``rate`` per second, at most ``burst`` saved up."""
+
+    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    def take(self) -> bool:
+        """Spend one token; False if there is none."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def _peer_name(peer: object) -> str:
+    """``host:port`` of a peer address tuple."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unknown peer"
 
 
 class _Connection(Connection):
     """grpclib's connection, but a close (keepalive timeout) never waits on a frozen peer,
-    and bytes that are not HTTP/2 get a log line before the connection is dropped."""
+    a flush after the close is harmless, and bytes that are not HTTP/2 get a log line."""
+
+    handler: _Handler
 
     def feed(self, data: bytes) -> list[Any]:
         try:
             return super().feed(data)
         except H2ProtocolError as exc:
-            peer = self.get_peer().addr() if hasattr(self, "_transport") else "?"
-            log.warning("Closing the connection from %s: not valid HTTP/2 (%s)", peer, exc)
+            log.warning("Closing the connection from %s: not valid HTTP/2 (%s)", self.peer, exc)
             raise
+
+    @property
+    def peer(self) -> str:
+        """The peer's address (also after the connection closed)."""
+        return self.handler.peer
+
+    def flush(self) -> None:
+        if hasattr(self, "_transport"):  # grpclib deletes it on close
+            super().flush()
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        transport = getattr(self, "_transport", None)
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding what is buffered."""
+        transport = getattr(self, "_transport", None)
+        if transport is not None:
+            transport.abort()
+        self.close()
 
     def close(self) -> None:
         # transport.close() flushes first: with a peer that stopped reading it never ends.
@@ -137,23 +231,117 @@ class _Connection(Connection):
         super().close()
 
 
-class _Protocol(H2Protocol):
-    """grpclib's protocol with a raised MAX_CONCURRENT_STREAMS and a registry of live peers."""
+class _Handler(grpclib.server.Handler):
+    """grpclib's per-connection handler, with the connection's limits enforced at the door."""
 
-    max_streams: int = 100
+    connection: _Connection
+    protocol: _Protocol
+    limits: ConnectionLimits
+    peer: str = "unknown peer"
+
+    def setup(self, protocol: _Protocol, limits: ConnectionLimits) -> None:
+        """Attach to ``protocol``'s connection (called once it is made)."""
+        self.protocol = protocol
+        self.connection = protocol.connection  # type: ignore[assignment]  # class swapped
+        self.limits = limits
+        self.peer = _peer_name(protocol.connection.get_peer().addr())
+        self._incomplete: set[H2Stream] = set()
+        self._resets = _Bucket(limits.resets_per_second, limits.reset_burst)
+
+    def accept(
+        self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
+    ) -> None:
+        size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 7541 size
+        if size > self.limits.max_metadata_size:
+            limit = self.limits.max_metadata_size
+            self._refuse(stream, release_stream, f"request metadata of {size} bytes exceeds "
+                         f"the limit of {limit}")  # fmt: skip
+            return
+        incomplete = self._incomplete
+        if len(incomplete) >= self.limits.max_pending:
+            # a request counts until its body has fully arrived (or its call admitted it)
+            incomplete -= {s for s in incomplete if s.buffer._eof}
+            if len(incomplete) >= self.limits.max_pending:
+                self._refuse(stream, release_stream, "too many streams awaiting their request "
+                             f"on this connection (limit {self.limits.max_pending})")  # fmt: skip
+                return
+        incomplete.add(stream)
+
+        def release() -> None:
+            incomplete.discard(stream)
+            release_stream()
+
+        super().accept(stream, headers, release)
+
+    def admitted(self, stream: H2Stream) -> None:
+        """``stream``'s request has been read and accepted."""
+        self._incomplete.discard(stream)
+
+    def cancel(self, stream: H2Stream) -> None:
+        # the peer reset the stream (or broke the protocol on it)
+        super().cancel(stream)
+        if not self._resets.take():
+            log.warning("Closing the connection from %s: more than %d stream resets "
+                        "(%.0f/s sustained)", self.peer, self._resets.burst,
+                        self._resets.rate)  # fmt: skip
+            self.protocol.goaway(ErrorCodes.ENHANCE_YOUR_CALM, b"too many stream resets")
+
+    def _refuse(self, stream: H2Stream, release: Callable[[], Any], message: str) -> None:
+        """Answer ``stream`` at once with RESOURCE_EXHAUSTED; no handler runs for it."""
+        log.warning("Refused a stream from %s: %s", self.peer, message)
+        assert stream.id is not None
+        h2_conn = self.connection._connection
+        h2_conn.send_headers(
+            stream.id,
+            [
+                (":status", "200"),
+                ("content-type", "application/grpc+proto"),
+                ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                ("grpc-message", encode_grpc_message(message)),
+            ],
+            end_stream=True,
+        )
+        if not stream.buffer._eof:  # the rest of the request is not wanted
+            h2_conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
+        self.connection.flush()
+        release()
+        if self.connection.buffered() > 4 * _HIGH_WATER:  # refusals the peer does not read
+            self.connection.abort()
+
+
+class _Protocol(H2Protocol):
+    """grpclib's protocol with the connection limits, TCP_NODELAY and a registry of peers."""
+
+    handler: _Handler
+    limits: ConnectionLimits
     registry: set[_Protocol]
     idle: asyncio.Event
 
     def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # grpclib sets it only when the socket's proto is IPPROTO_TCP, which a socket
+            # from socket.create_server() (proto 0) is not; small writes must not wait
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=_HIGH_WATER)
         super().connection_made(transport)
         self.connection.__class__ = _Connection
-        # h2 advertises 100 by default: a client's 101st stream on one connection would hang.
+        self.handler.setup(self, self.limits)
+        self.connection.handler = self.handler  # type: ignore[attr-defined]  # class swapped
         h2_conn = self.connection._connection
-        h2_conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
-        # h2 enforces its own new limit only once the peer acknowledges it, so a client that
-        # opens streams before reading this SETTINGS frame would be cut off at 100. Raising
-        # our own limit at once is safe.
-        h2_conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS][0] = self.max_streams
+        limit = self.limits.max_streams
+        # h2 advertises 100 by default: a client's 101st stream on one connection would hang.
+        h2_conn.update_settings(
+            {
+                SettingCodes.MAX_CONCURRENT_STREAMS: limit,
+                SettingCodes.MAX_HEADER_LIST_SIZE: _HEADER_LIST_HARD_LIMIT,
+            }
+        )
+        # h2 enforces its new limits only once the peer acknowledges them, so a client that
+        # opens streams before reading this SETTINGS frame would be cut off at 100 (or
+        # dropped for a large header). Raising our own limits at once is safe.
+        h2_conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS][0] = limit
+        h2_conn.decoder.max_header_list_size = _HEADER_LIST_HARD_LIMIT
         self.connection.flush()
         self.registry.add(self)
         self.idle.clear()
@@ -168,39 +356,351 @@ class _Protocol(H2Protocol):
         """Whether any stream on this connection is open."""
         return any(stream.open for stream in self.connection._connection.streams.values())
 
-    def goaway(self) -> None:
-        """Tell the peer no new streams will be accepted, then close the connection."""
+    def goaway(self, error: ErrorCodes = ErrorCodes.NO_ERROR, reason: bytes = b"") -> None:
+        """Tell the peer no new streams will be accepted, then close the connection.
+
+        With an error, streams still open are ended at once and nothing more on this
+        connection is processed.
+        """
         if self.connection.is_closing():
             return
-        self.connection._connection.close_connection()
+        self.connection._connection.close_connection(error, reason or None)
         self.connection.flush()
-        self.connection.close()
+        if error is ErrorCodes.NO_ERROR:
+            self.connection.close()
+        else:
+            self.processor.close(f"GOAWAY {error.name}")
+
+
+# ----------------------------------------------------------------------- streams
+
+
+class StreamCall:
+    """A ``CallTransport`` over one grpclib server stream.
+
+    Fires grpclib's ``RecvMessage`` and ``SendMessage`` events (decoding the pre-encoded
+    bytes only when someone listens), so middleware built on them sees these calls too.
+    """
+
+    __slots__ = ("_conn", "_dispatch", "_h2", "_peak", "_proto", "_stream")
+
+    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._stream = stream
+        self._proto: H2Stream = stream._stream
+        self._conn: _Connection = stream._stream.connection  # type: ignore[assignment]
+        self._h2 = self._proto._h2_connection
+        self._dispatch = stream._dispatch
+        self._peak = 0  # the largest window seen: what a peer that reads will open again
+
+    @property
+    def peer(self) -> str:
+        return self._conn.peer
+
+    @property
+    def metadata(self) -> Mapping[str, str | bytes]:
+        return self._stream.metadata or {}
+
+    def _listening(self, method: str) -> bool:
+        # grpclib installs a no-op in the instance dict until a listener is added
+        return method not in self._dispatch.__dict__
+
+    async def read_request(self, message_type: type[M], *, max_size: int) -> M:
+        prefix = await self._read(5)
+        if not prefix:
+            raise CallError(Code.INVALID_ARGUMENT, f"a {message_type.__name__} message is required")
+        if len(prefix) < 5:
+            raise CallError(Code.INVALID_ARGUMENT, "truncated message prefix")
+        compressed, size = struct.unpack(">?I", prefix)
+        if compressed:
+            raise CallError(Code.UNIMPLEMENTED, "compressed requests are not supported")
+        if size > max_size:  # judged from the prefix, before the body is read into memory
+            raise too_large(size, max_size)
+        body = await self._read(size)
+        if len(body) != size:
+            raise CallError(
+                Code.INVALID_ARGUMENT, f"truncated request: {len(body)} of {size} bytes"
+            )
+        request = decode_request(body, message_type, max_size=max_size)
+        if self._listening("recv_message"):
+            (request,) = await self._dispatch.recv_message(request)
+        return request
+
+    async def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the request body (fewer if the peer ended the stream early)."""
+        try:
+            return bytes(await self._proto.recv_data(size))
+        except AssertionError:  # grpclib's buffer asserts when the stream ends short
+            return b"\x00"  # never the requested length: reported as truncated
+
+    def admitted(self) -> None:
+        self._conn.handler.admitted(self._proto)
+
+    async def _ready(self, abort: asyncio.Event) -> bool:
+        """Wait until the connection takes writes; False if ``abort`` was set first."""
+        ready = self._conn.write_ready
+        while not ready.is_set():
+            if abort.is_set():
+                return False
+            await wait_first(ready, abort)
+        return not abort.is_set()
+
+    async def start(self, metadata: Mapping[str, str] | None, abort: asyncio.Event) -> bool:
+        if not await self._ready(abort):
+            return False
+        await self._stream.send_initial_metadata(metadata=metadata)
+        return True
+
+    async def _room(self, abort: asyncio.Event) -> int:
+        """Wait until the window is positive and the connection takes writes; the window
+        then, or 0 if aborted. h2's window is min(stream window, connection window)."""
+        proto, h2_conn = self._proto, self._h2
+        assert proto.id is not None
+        while await self._ready(abort):
+            window = int(h2_conn.local_flow_control_window(proto.id))
+            if window > 0:
+                self._peak = max(self._peak, window)
+                return window
+            proto.window_updated.clear()
+            await wait_first(proto.window_updated, abort)
+        return 0
+
+    async def write(self, messages: Sequence[bytes], abort: asyncio.Event) -> int:
+        """Write ``messages`` in order; how many were written (fewer only if aborted).
+
+        As many whole messages as the window and ``WRITE_CAP`` allow go out in one write
+        (gRPC allows several length-prefixed messages in a DATA frame), so a subscriber that
+        is behind catches up with few writes, and one that is current pays one write.
+
+        A message is started once the window takes it whole, so an abort rarely leaves one
+        half-written (the stream would have to be reset rather than told its status); one
+        larger than any window this peer has opened goes out as soon as the window is
+        positive, in pieces, as grpclib's own writer does.
+        """
+        if self._listening("send_message"):
+            messages = await self._dispatch_sends(messages)
+        written, count = 0, len(messages)
+        while written < count:
+            window = await self._room(abort)
+            if not window:
+                return written
+            need = len(messages[written]) + 5
+            if window < need <= self._peak:  # the window reopens to take it whole: wait
+                self._proto.window_updated.clear()
+                await wait_first(self._proto.window_updated, abort)
+                continue
+            cap = min(window, WRITE_CAP)
+            if need > cap:  # larger than the window (or the cap): in pieces
+                if not await self._write_large(messages[written], abort):
+                    return written
+                written += 1
+                continue
+            parts: list[bytes] = []
+            size = 0
+            while written < count:
+                message = messages[written]
+                if size + len(message) + 5 > cap:
+                    break
+                parts += (_PREFIX(False, len(message)), message)
+                size += len(message) + 5
+                written += 1
+            self._send(b"".join(parts))
+        return written
+
+    async def _dispatch_sends(self, messages: Sequence[bytes]) -> list[bytes]:
+        out = []
+        for data in messages:
+            message = Response.FromString(data)
+            (sent,) = await self._dispatch.send_message(message)
+            out.append(data if sent is message else bytes(sent))
+        return out
+
+    async def _write_large(self, message: bytes, abort: asyncio.Event) -> bool:
+        """Write one message in window-sized pieces; an abort between pieces resets the
+        stream (the peer retries and resumes). False if aborted."""
+        data = memoryview(_PREFIX(False, len(message)) + message)
+        sent = 0
+        while sent < len(data):
+            window = await self._room(abort)
+            if not window:
+                if sent:
+                    await self._reset()
+                return False
+            size = min(window, WRITE_CAP, len(data) - sent)
+            self._send(data[sent : sent + size])
+            sent += size
+        return True
+
+    def _send(self, data: bytes | memoryview) -> None:
+        """Hand ``data`` (which fits the window) to h2 in frame-sized pieces; one socket write."""
+        proto, h2_conn = self._proto, self._h2
+        assert proto.id is not None
+        step = h2_conn.max_outbound_frame_size
+        if len(data) <= step:
+            h2_conn.send_data(proto.id, data)
+        else:
+            for start in range(0, len(data), step):
+                h2_conn.send_data(proto.id, data[start : start + step])
+        proto._transport.write(h2_conn.data_to_send())
+        proto.data_sent += len(data)
+        self._conn.data_sent += len(data)
+        self._conn.data_send_process()
+
+    async def _reset(self) -> None:
+        """Reset a stream left with a partial message; drop the connection if even that blocks."""
+        try:
+            async with asyncio.timeout(1.0):
+                await self._stream.cancel()
+        except TimeoutError:
+            self._conn.abort()
+
+    async def reply(self, message: bytes) -> None:
+        await self._stream.send_message(message)
+
+    async def finish(
+        self, code: Code, message: str | None, *, final: bool = False, timeout: float
+    ) -> None:
+        """Send the final status; if the peer cannot take it within ``timeout``, drop its
+        connection. Trailers are not flow-controlled, but a peer that stopped reading its
+        socket can leave the transport paused forever."""
+        stream = self._stream
+        if stream._cancel_done or stream._send_trailing_metadata_done:
+            return
+        metadata = {NO_RETRY_HEADER: "request can never be accepted"} if final else None
+        try:
+            async with asyncio.timeout(timeout):
+                await stream.send_trailing_metadata(
+                    status=Status(code.value), status_message=message, metadata=metadata
+                )
+        except TimeoutError:
+            log.warning("Peer %s did not take the final status in %.1fs; closing its "
+                        "connection", self.peer, timeout)  # fmt: skip
+            self._conn.abort()
+        except (H2StreamClosedError, H2ProtocolError):
+            pass  # the peer reset the stream or the connection is gone: nobody to tell
+
+
+def longlived_mapping(host: CallHost) -> dict[str, grpclib.const.Handler]:
+    """The ``Longlived`` RPCs of ``host``, on every package's paths."""
+
+    async def subscribe(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await SubscribeCall(host, StreamCall(stream)).run()
+
+    async def unsubscribe(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await UnsubscribeCall(host, StreamCall(stream)).run()
+
+    mapping = {}
+    for package in PACKAGES:
+        mapping[f"/{package}.Longlived/Subscribe"] = grpclib.const.Handler(
+            subscribe, grpclib.const.Cardinality.UNARY_STREAM, Request, Response
+        )
+        mapping[f"/{package}.Longlived/Unsubscribe"] = grpclib.const.Handler(
+            unsubscribe, grpclib.const.Cardinality.UNARY_UNARY, Request, Response
+        )
+    return mapping
+
+
+class _Guarded:
+    """Another service (health, reflection) behind the same door: authentication unless
+    the method is public, and its first request message within the admission timeout."""
+
+    def __init__(self, service: IServable, host: CallHost, public: Collection[str]) -> None:
+        self._service = service
+        self._host = host
+        self._public = frozenset(public)
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            path: grpclib.const.Handler(
+                self._wrap(path, handler.func),
+                handler.cardinality,
+                handler.request_type,
+                handler.reply_type,
+            )
+            for path, handler in self._service.__mapping__().items()
+        }
+
+    def _wrap(self, path: str, func: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        host, public = self._host, path in self._public
+
+        async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
+            call = StreamCall(stream)
+            limit = host.settings.limits.admission_timeout
+            if not public:
+                async with asyncio.timeout(limit):
+                    caller = await host.authenticate(call.metadata)
+                if caller is None:
+                    message = "missing or invalid bearer token"
+                    host.refused(Code.UNAUTHENTICATED, message, call.peer)
+                    raise GRPCError(Status.UNAUTHENTICATED, message)
+            receive = stream.recv_message
+
+            async def first_message() -> Any:
+                try:
+                    async with asyncio.timeout(limit):
+                        message = await receive()
+                except TimeoutError:
+                    text = f"no complete request within {limit:g}s of the call"
+                    host.refused(Code.DEADLINE_EXCEEDED, text, call.peer)
+                    raise GRPCError(Status.DEADLINE_EXCEEDED, text) from None
+                del stream.recv_message  # back to grpclib's own method
+                call.admitted()
+                return message
+
+            # the instance attribute shadows the method for the first message only
+            stream.recv_message = first_message  # type: ignore[method-assign]
+            await func(stream)
+
+        return guarded
+
+
+def guarded(
+    services: Iterable[IServable], host: CallHost, *, public: Collection[str]
+) -> list[IServable]:
+    """``services`` behind ``host``'s authentication and admission timeout."""
+    return [_Guarded(service, host, public) for service in services]
+
+
+# ------------------------------------------------------------------------ server
 
 
 class GrpcServer(grpclib.server.Server):
-    """A grpclib ``Server`` that advertises ``max_streams`` and can close its connections."""
+    """A grpclib ``Server`` with connection limits that can drain and close its connections."""
 
     def __init__(
         self,
         handlers: Collection[IServable],
         *,
-        max_streams: int,
+        limits: ConnectionLimits,
         max_message_size: int = 65_536,
         config: Configuration | None = None,
     ) -> None:
         super().__init__(handlers, codec=PassThroughCodec(max_size=max_message_size), config=config)
-        self._max_streams = max_streams
+        self._limits = limits
         self._protocols: set[_Protocol] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def _protocol_factory(self) -> H2Protocol:
-        base = super()._protocol_factory()
-        proto = _Protocol(base.handler, base.config, base.h2_config)
-        proto.max_streams = self._max_streams
+        # grpclib's own factory, with our handler and protocol classes
+        self.__gc_step__()
+        handler = _Handler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        proto = _Protocol(handler, self._config, self._h2_config)
+        proto.limits = self._limits
         proto.registry = self._protocols
         proto.idle = self._idle
         return proto
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the listening socket, once started."""
+        listener = self._server
+        if not isinstance(listener, asyncio.Server) or not listener.sockets:
+            return None
+        host, port = listener.sockets[0].getsockname()[:2]
+        return str(host), int(port)
 
     async def wait_disconnected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every client to close its connection."""
@@ -216,23 +716,29 @@ class GrpcServer(grpclib.server.Server):
         """Open client connections."""
         return len(self._protocols)
 
-    def idle_connections(self) -> list[_Protocol]:
-        """Open connections that carry no stream right now."""
-        return [proto for proto in self._protocols if not proto.busy()]
+    def buffered(self) -> int:
+        """Bytes written to client connections and not yet taken by their sockets."""
+        return sum(proto.connection.buffered() for proto in self._protocols)  # type: ignore[attr-defined]
 
-    async def drain(self, idle: Sequence[object], *, grace: float, timeout: float) -> None:
+    def idle_connections(self) -> set[_Protocol]:
+        """Open connections that carry no stream right now."""
+        return {proto for proto in self._protocols if not proto.busy()}
+
+    async def drain(self, idle: Collection[object], *, grace: float, timeout: float) -> None:
         """Stop listening, then close connections: ``idle`` ones (no streams when the drain
-        began) at once, the others after up to ``grace`` seconds, all with GOAWAY."""
+        began) at once, the others after up to ``grace`` seconds, all with GOAWAY; then wait
+        up to ``timeout`` seconds in all for the handlers."""
+        deadline = asyncio.get_running_loop().time() + timeout
         self.close()
         for proto in self.idle_connections():
             if proto in idle:
                 proto.goaway()
         # Clients that read their final status close their connections themselves; a GOAWAY
         # arriving together with the status would make some clients drop it unread.
-        await self.wait_disconnected(grace)
+        await self.wait_disconnected(min(grace, timeout))
         self.goaway_all()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self.wait_closed()
         except TimeoutError:
             log.warning("Handlers did not finish within %.1fs", timeout)
@@ -242,162 +748,7 @@ class GrpcServer(grpclib.server.Server):
         for proto in list(self._protocols):
             proto.goaway()
 
-
-async def recv_request(
-    stream: grpclib.server.Stream[Any, Any], message_type: Any, *, max_size: int
-) -> Any:
-    """Read the single request message, or raise a status that names what is wrong."""
-    proto = stream._stream
-    prefix = await _read(proto, 5)
-    if not prefix:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"a {message_type.__name__} message is required")
-    if len(prefix) < 5:
-        raise GRPCError(Status.INVALID_ARGUMENT, "truncated message prefix")
-    compressed, size = struct.unpack(">?I", prefix)
-    if compressed:
-        raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")
-    if size > max_size:  # judged from the prefix, before the body is read into memory
-        raise too_large(size, max_size)
-    body = await _read(proto, size)
-    if len(body) != size:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"truncated request: {len(body)} of {size} bytes")
-    return decode_request(body, message_type, max_size=max_size)
-
-
-async def _read(proto: Any, size: int) -> bytes:
-    """Up to ``size`` bytes of the request body (fewer if the peer ended the stream early)."""
-    try:
-        return bytes(await proto.recv_data(size))
-    except AssertionError:  # grpclib's buffer asserts when the stream ends short
-        return b"\x00"  # never the requested length: reported as truncated
-
-
-async def _room(proto: Any, need: int, abort: asyncio.Event) -> int:
-    """Wait until ``need`` bytes (at least 1) may be sent; the window then, or 0 if aborted."""
-    conn, h2_conn = proto.connection, proto._h2_connection
-    while not abort.is_set():
-        if not conn.write_ready.is_set():
-            ready = conn.write_ready
-        else:
-            window = int(h2_conn.local_flow_control_window(proto.id))
-            if window >= max(need, 1):
-                return window
-            proto.window_updated.clear()
-            ready = proto.window_updated
-        await _first(ready, abort)
-    return 0
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waits:
-            waiter.cancel()
-
-
-async def write_message(
-    stream: grpclib.server.Stream[Any, Any], message: bytes, abort: asyncio.Event
-) -> bool:
-    """Write one encoded message; False if ``abort`` was set first.
-
-    A message that fits the peer's window is only started once it fits whole, so an abort
-    never leaves it half-written; a larger one goes out in pieces and an abort between them
-    resets the stream (the peer retries and resumes).
-    """
-    proto = stream._stream
-    assert proto.id is not None
-    if not stream._send_initial_metadata_done:
-        await stream.send_initial_metadata()
-    h2_conn = proto._h2_connection
-    data = memoryview(struct.pack(">?I", False, len(message)) + message)
-    need = min(len(data), h2_conn.remote_settings.initial_window_size)
-    sent = 0
-    while sent < len(data):
-        window = await _room(proto, need if sent == 0 else 1, abort)
-        if not window:
-            if sent:
-                await _reset(stream)
-            return False
-        size = min(window, len(data) - sent)
-        _send(proto, data[sent : sent + size])
-        sent += size
-    return True
-
-
-async def write_messages(
-    stream: grpclib.server.Stream[Any, Any], messages: list[bytes], abort: asyncio.Event
-) -> int:
-    """Write ``messages`` in order; how many were written (fewer only if ``abort`` was set).
-
-    As many whole messages as the peer's window takes go out in one write (gRPC allows
-    several length-prefixed messages in a DATA frame), so a subscriber that is behind
-    catches up with few writes, and one that is current pays one write per message.
-    """
-    proto = stream._stream
-    assert proto.id is not None
-    if not stream._send_initial_metadata_done:
-        await stream.send_initial_metadata()
-    h2_conn = proto._h2_connection
-    written = 0
-    while written < len(messages):
-        first = len(messages[written]) + 5
-        window = await _room(proto, min(first, h2_conn.remote_settings.initial_window_size), abort)
-        if not window:
-            return written
-        if first > window:  # larger than the whole window: in pieces
-            if not await write_message(stream, messages[written], abort):
-                return written
-            written += 1
-            continue
-        parts: list[bytes] = []
-        size = 0
-        while written < len(messages) and size + len(messages[written]) + 5 <= window:
-            message = messages[written]
-            parts += (struct.pack(">?I", False, len(message)), message)
-            size += len(message) + 5
-            written += 1
-        _send(proto, memoryview(b"".join(parts)))
-    return written
-
-
-def _send(proto: Any, data: memoryview) -> None:
-    """Hand ``data`` (which fits the window) to h2 in frame-sized pieces; one socket write."""
-    h2_conn = proto._h2_connection
-    step = h2_conn.max_outbound_frame_size
-    for start in range(0, len(data), step):
-        h2_conn.send_data(proto.id, bytes(data[start : start + step]))
-    proto._transport.write(h2_conn.data_to_send())
-    proto.data_sent += len(data)
-    proto.connection.data_sent += len(data)
-    proto.connection.data_send_process()
-
-
-async def _reset(stream: grpclib.server.Stream[Any, Any]) -> None:
-    """Reset a stream left with a partial message; drop the connection if even that blocks."""
-    try:
-        async with asyncio.timeout(1.0):
-            await stream.cancel()
-    except TimeoutError:
-        stream._stream.connection._transport.abort()
-
-
-async def end_stream(
-    stream: grpclib.server.Stream[Any, Any], status: Status, message: str, *, timeout: float
-) -> None:
-    """Send the final status; if the peer cannot take it within ``timeout``, drop its connection.
-
-    Trailers are not flow-controlled, but a peer that stopped reading its socket can leave
-    the transport paused forever; aborting then frees the server's side.
-    """
-    if stream._cancel_done:
-        return
-    try:
-        async with asyncio.timeout(timeout):
-            await stream.send_trailing_metadata(status=status, status_message=message)
-    except TimeoutError:
-        log.warning("Peer %s did not take the final status in %.1fs; closing its connection",
-                    stream.peer.addr() if stream.peer else "?", timeout)  # fmt: skip
-        stream._stream.connection._transport.abort()
+    def stop(self) -> None:
+        """Stop listening and cancel every handler (idempotent; a no-op before ``start``)."""
+        if self._server is not None:
+            self.close()

@@ -1,23 +1,37 @@
-"""The wire format: encoding responses, and checking requests before they touch the hub."""
+"""The wire format: encoding responses, decoding and checking requests.
+
+Nothing here knows grpclib: problems are raised as ``CallError`` with the status to send.
+"""
 
 from __future__ import annotations
 
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+import functools
+from typing import Any, TypeVar
+
+import betterproto2
+from google.protobuf import message_factory
 
 from longlived._proto.longlived import Request, Response, ResponseKind
+from longlived._status import CallError, Code
 from longlived.events import Kind, Position
 
 __all__ = [
     "HEARTBEAT_HEADER",
+    "MAX_ID",
     "MAX_TOKEN_LENGTH",
     "MAX_TOPICS",
     "MAX_TOPIC_LENGTH",
     "NO_RETRY_HEADER",
+    "PACKAGES",
     "check_request",
     "check_topics",
+    "decode_request",
     "encode_message",
+    "too_large",
 ]
+
+PACKAGES = ("longlived", "protos")
+"""Proto packages whose ``Longlived`` paths the server answers on (``protos``: the original's)."""
 
 HEARTBEAT_HEADER = "longlived-heartbeat-ms"
 """Initial-metadata key: the heartbeat period the server granted, in milliseconds."""
@@ -25,9 +39,13 @@ HEARTBEAT_HEADER = "longlived-heartbeat-ms"
 NO_RETRY_HEADER = "longlived-no-retry"
 """Trailing-metadata key on a refusal that resending the same request cannot overcome."""
 
+MAX_ID = 2**31 - 1
+"""The largest subscriber id (``int32`` on the wire)."""
 MAX_TOPICS = 256
 MAX_TOPIC_LENGTH = 256
 MAX_TOKEN_LENGTH = 256
+
+M = TypeVar("M", bound=betterproto2.Message)
 
 
 def encode_message(kind: Kind, position: Position, data: str, topic: str) -> bytes:
@@ -41,6 +59,35 @@ def encode_message(kind: Kind, position: Position, data: str, topic: str) -> byt
             topic=topic,
         )
     )
+
+
+def too_large(size: int, max_size: int) -> CallError:
+    """The refusal of a request of ``size`` bytes over the limit (resending cannot help)."""
+    return CallError(
+        Code.RESOURCE_EXHAUSTED,
+        f"request of {size} bytes exceeds the limit of {max_size}",
+        final=True,
+    )
+
+
+def decode_request(data: bytes, message_type: type[M], *, max_size: int) -> M:
+    """Decode one request body, or raise the ``CallError`` that names what is wrong with it."""
+    if len(data) > max_size:
+        raise too_large(len(data), max_size)
+    try:
+        # betterproto2 skips what it cannot read; protobuf's parser is strict about the wire
+        _strict_class(message_type).FromString(data)
+        return message_type.FromString(data)
+    except Exception as exc:
+        raise CallError(
+            Code.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+        ) from None
+
+
+@functools.cache
+def _strict_class(message_type: Any) -> Any:
+    """protobuf's own message class for a generated betterproto2 message type."""
+    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
 
 
 def check_topics(topics: list[str]) -> str | None:
@@ -67,28 +114,28 @@ def _check_types(request: Request) -> None:
     for name, kind in _FIELD_TYPES.items():
         value = getattr(request, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise GRPCError(
-                Status.INVALID_ARGUMENT, f"malformed Request message: {name} is {value!r}"
+            raise CallError(
+                Code.INVALID_ARGUMENT, f"malformed Request message: {name} is {value!r}"
             )
     topics = request.topics
     if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-        raise GRPCError(Status.INVALID_ARGUMENT, "malformed Request message: topics")
+        raise CallError(Code.INVALID_ARGUMENT, "malformed Request message: topics")
 
 
 def check_request(request: Request) -> None:
     """Raise INVALID_ARGUMENT, naming the problem, for a request no subscriber may make."""
     _check_types(request)
     if request.id < 0:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"id must be >= 0, got {request.id}")
+        raise CallError(Code.INVALID_ARGUMENT, f"id must be >= 0, got {request.id}")
     problem = check_topics(request.topics)
     if problem:
-        raise GRPCError(Status.INVALID_ARGUMENT, problem)
+        raise CallError(Code.INVALID_ARGUMENT, problem)
     if request.heartbeat_ms < 0:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT, f"heartbeat_ms must be >= 0, got {request.heartbeat_ms}"
+        raise CallError(
+            Code.INVALID_ARGUMENT, f"heartbeat_ms must be >= 0, got {request.heartbeat_ms}"
         )
     if len(request.resume_token) > MAX_TOKEN_LENGTH:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT,
+        raise CallError(
+            Code.INVALID_ARGUMENT,
             f"resume_token is {len(request.resume_token)} characters (at most {MAX_TOKEN_LENGTH})",
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
@@ -85,6 +85,8 @@ class Hub:
         self._encode = encode
         self._seq = 0
         self._history: deque[Event] = deque(maxlen=history_size)
+        self._targeted: Counter[int] = Counter()  # events in the history sent to one id
+        self._claims: dict[int, str] = {}  # id -> owner, while it has a stream or events
         self._subscribers: dict[int, Subscriber] = {}
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
@@ -113,6 +115,11 @@ class Hub:
     def get(self, id: int) -> Subscriber | None:
         """The current subscriber for ``id``, if any."""
         return self._subscribers.get(id)
+
+    def owner(self, id: int) -> str | None:
+        """Who holds ``id``: the owner of its stream, or of its last stream while the history
+        still holds events sent to ``id`` (a resume would replay them), else None."""
+        return self._claims.get(id)
 
     # --------------------------------------------------------------- subscribing
 
@@ -154,6 +161,8 @@ class Hub:
         old = self._subscribers.get(id)
         if old is not None:
             self._end(old, EndReason.REPLACED)
+        if owner:
+            self._claims[id] = owner
         self._subscribers[id] = sub
         self._open.add(sub)
         self._notify()
@@ -171,18 +180,30 @@ class Hub:
         oldest = self._history[0].seq if self._history else self._seq + 1
         if position.seq < oldest - 1:
             return "resume token older than the retained history"
-        return [
-            event.message
-            for event in self._history
-            if event.seq > position.seq and event.matches(id, topics)
-        ]
+        # seqs in the history are contiguous: walk back from the newest, O(missed)
+        missed = []
+        for event in reversed(self._history):
+            if event.seq <= position.seq:
+                break
+            if event.matches(id, topics):
+                missed.append(event.message)
+        missed.reverse()
+        return missed
 
     def release(self, sub: Subscriber) -> None:
         """The stream of ``sub`` has finished: forget it (never touches a newer subscriber)."""
         if self._subscribers.get(sub.id) is sub:
             del self._subscribers[sub.id]
+        sub.close()
         self._open.discard(sub)
+        self._forget_claim(sub.id)
         self._notify()
+
+    def _forget_claim(self, id: int) -> None:
+        """Drop the claim on ``id`` once nothing is left to protect: no stream, no events."""
+        if id not in self._subscribers and not self._targeted[id]:
+            self._claims.pop(id, None)
+            del self._targeted[id]
 
     def end(self, id: int, reason: EndReason) -> bool:
         """End the subscription of ``id``; False if there is none."""
@@ -197,14 +218,20 @@ class Hub:
         for sub in list(self._subscribers.values()):
             self._end(sub, reason)
 
-    def end_subscriber(self, sub: Subscriber, reason: EndReason) -> None:
-        """End this very subscription (not whatever holds its id now)."""
-        self._end(sub, reason)
+    def end_subscriber(
+        self, sub: Subscriber, reason: EndReason, *, flush_timeout: float | None = None
+    ) -> None:
+        """End this very subscription (not whatever holds its id now).
 
-    def _end(self, sub: Subscriber, reason: EndReason) -> None:
+        ``flush_timeout``: for UNSUBSCRIBED, how long what is queued may take to be written
+        before it is abandoned (None: no limit).
+        """
+        self._end(sub, reason, flush_timeout)
+
+    def _end(self, sub: Subscriber, reason: EndReason, flush_timeout: float | None = None) -> None:
         # An ended subscriber leaves the id table at once: it receives nothing more, and
         # its id is free for a new subscription while its stream finishes.
-        sub.end(reason)
+        sub.end(reason, flush_timeout=flush_timeout)
         if self._subscribers.get(sub.id) is sub:
             del self._subscribers[sub.id]
             self._notify()
@@ -237,8 +264,21 @@ class Hub:
         self.stats.events += 1
         message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic)
         event = Event(self._seq, topic, target, message)
-        self._history.append(event)
+        history = self._history
+        if history.maxlen:
+            if len(history) == history.maxlen:
+                self._evict(history[0])
+            if target is not None:
+                self._targeted[target] += 1
+        history.append(event)
         return event
+
+    def _evict(self, event: Event) -> None:
+        """``event`` is about to leave the history."""
+        if event.target is not None:
+            self._targeted[event.target] -= 1
+            if not self._targeted[event.target]:
+                self._forget_claim(event.target)
 
     def _offer(self, sub: Subscriber, event: Event) -> bool:
         """Queue ``event`` for ``sub``; True if ``sub`` overflowed and must be ended."""

@@ -1,9 +1,11 @@
 """``SubscriptionManager``: the ``Longlived`` service on top of the hub.
 
 It answers on ``/longlived.Longlived/*`` and on the original example's
-``/protos.Longlived/*`` paths with the same handlers, so clients of either proto work, and
-serves gRPC health and reflection beside them. Authentication, limits, keepalive, TLS,
-maximum connection age, graceful drain and metrics all come from ``Settings``.
+``/protos.Longlived/*`` paths with the same call objects (``_call``), so clients of either
+proto work, and serves gRPC health and reflection beside them behind the same door
+(authentication, admission timeout, per-connection limits). Authentication, limits,
+keepalive, TLS, maximum connection age, graceful drain and metrics all come from
+``Settings``.
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 
-from longlived._handlers import PACKAGES, ServiceHandlers
-from longlived._proto.longlived import Request, Response
-from longlived._transport import GrpcServer, grpc_config
-from longlived._wire import check_request, encode_message
+from longlived._call import SubscribeCall
+from longlived._local import LocalTransport
+from longlived._proto.longlived import LonglivedBase, Request, Response
+from longlived._status import Code
+from longlived._transport import (
+    ConnectionLimits,
+    GrpcServer,
+    grpc_config,
+    guarded,
+    longlived_mapping,
+)
+from longlived._wire import PACKAGES, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
+from longlived.errors import SubscriptionClosed
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, serve_metrics
 from longlived.settings import Settings
@@ -44,7 +56,7 @@ _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
 
 
-class SubscriptionManager(ServiceHandlers):
+class SubscriptionManager(LonglivedBase):
     """The server: holds subscriptions, pushes events down them, drains cleanly.
 
     Use it as an async context manager (or call ``start`` and ``close``)::
@@ -82,7 +94,8 @@ class SubscriptionManager(ServiceHandlers):
         self.rejected: collections.Counter[str] = collections.Counter()
         """Calls refused, by status name."""
         self._sleep = sleep
-        self._rng = random.Random()
+        self.rng = random.Random()
+        """Randomness for the jitter of ``max_connection_age``."""
         self._server: GrpcServer | None = None
         self._source: asyncio.Task[None] | None = None
         self._metrics: MetricsServer | None = None
@@ -90,6 +103,16 @@ class SubscriptionManager(ServiceHandlers):
         self._closed = asyncio.Event()
 
     # ----------------------------------------------------------------- public API
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new subscriptions are accepted (False once ``close()`` began)."""
+        return not self._closing
+
+    def refused(self, code: Code, message: str, peer: str) -> None:
+        """Count and log a refused call (the calls report each refusal here)."""
+        self.rejected[code.name] += 1
+        log.warning("Refused a call from %s: %s (%s)", peer, message, code.name)
 
     @property
     def subscribers(self) -> list[int]:
@@ -187,8 +210,15 @@ class SubscriptionManager(ServiceHandlers):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return longlived_mapping(self)
+
     def services(self) -> list[IServable]:
-        """The gRPC services this server runs: itself, plus health and reflection."""
+        """The gRPC services this server runs: itself, plus health and reflection.
+
+        Health and reflection sit behind the same authentication as ``Longlived`` (except
+        ``settings.auth.public_methods``) and the same admission timeout.
+        """
         # imported here, not at module level: grpclib's health and reflection messages go into
         # protobuf's default pool, where grpcio's copies of them clash (duplicate symbols);
         # an app that never serves them can use grpcio's clients beside longlived
@@ -203,76 +233,98 @@ class SubscriptionManager(ServiceHandlers):
             )
         if self.settings.reflection:
             services = with_reflection(services)
-        return services
+        # reflection describes the Longlived service itself, so it is built first
+        return [self, *guarded(services[1:], self, public=self.settings.auth.public_methods)]
 
     async def start(self, *, sock: socket.socket | None = None) -> None:
-        """Listen on ``settings.address`` (or on ``sock``) and start the event source."""
+        """Listen on ``settings.address`` (or on ``sock``) and start the event source.
+
+        All or nothing: if a listener cannot start (a port in use), whatever did start is
+        closed again, the error propagates, and ``start`` may be called again.
+        """
         if self._server is not None:
             raise RuntimeError("SubscriptionManager is already started")
+        settings = self.settings
         server = GrpcServer(
             self.services(),
-            max_streams=self.settings.max_streams_per_connection,
-            max_message_size=self.settings.limits.max_message_size,
-            config=grpc_config(self.settings.keepalive),
+            limits=ConnectionLimits(
+                max_streams=settings.max_streams_per_connection,
+                max_pending=settings.limits.max_pending_streams,
+                max_metadata_size=settings.limits.max_metadata_size,
+                resets_per_second=settings.limits.resets_per_second,
+                reset_burst=settings.limits.reset_burst,
+            ),
+            max_message_size=settings.limits.max_message_size,
+            config=grpc_config(settings.keepalive),
         )
-        ssl = server_context(self.settings.tls)
-        if sock is not None:
-            await server.start(sock=sock, ssl=ssl)
-        else:
-            await server.start(self.settings.host, self.settings.port, ssl=ssl)
-        self._server = server
+        ssl = server_context(settings.tls)
+        metrics = None
+        try:
+            if settings.metrics.port is not None:
+                metrics = serve_metrics(
+                    self.stats, host=settings.metrics.host, port=settings.metrics.port
+                )
+            if sock is not None:
+                await server.start(sock=sock, ssl=ssl)
+            else:
+                await server.start(settings.host, settings.port, ssl=ssl)
+        except BaseException:
+            server.stop()
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)
+            raise
+        self._server, self._metrics = server, metrics
+        if metrics is not None:
+            log.info("Metrics on http://%s:%d/metrics", settings.metrics.host, metrics.port)
         self.health.set(True)
-        if self.settings.metrics.port is not None:
-            self._metrics = serve_metrics(
-                self.stats, host=self.settings.metrics.host, port=self.settings.metrics.port
-            )
-            log.info("Metrics on http://%s:%d/metrics", self.settings.metrics.host,
-                     self._metrics.port)  # fmt: skip
         self._source = asyncio.create_task(self._run_source(), name="longlived-event-source")
         log.info("Listening on %s%s", self.address, " (TLS)" if ssl else "")
 
     @property
     def address(self) -> str:
         """``host:port`` the server listens on (the real port when started on port 0)."""
-        listener = self._server._server if self._server is not None else None
-        if not isinstance(listener, asyncio.Server) or not listener.sockets:
+        bound = self._server.address if self._server is not None else None
+        if bound is None:
             return self.settings.address
-        host, port = listener.sockets[0].getsockname()[:2]
+        host, port = bound
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def close(self) -> None:
         """Drain: NOT_SERVING, refuse new subscriptions, end streams, close connections.
 
         Open streams end with UNAVAILABLE ("server shutting down"); clients resume from
-        their position elsewhere or later. Streams get ``settings.drain_timeout`` seconds to
-        end; handlers still running then are cancelled. Idempotent.
+        their position elsewhere or later. Everything happens within
+        ``settings.drain_timeout`` seconds: streams that have not ended by then are
+        cancelled and their connections closed. Idempotent.
         """
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
         self.health.set(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
         try:
             if self._source is not None:
                 self._source.cancel()
                 # wait() rather than await: a cancel aimed at close() itself must propagate
                 await asyncio.wait([self._source])
             # connections without streams need no grace before GOAWAY
-            idle = self._server.idle_connections() if self._server is not None else []
+            idle = self._server.idle_connections() if self._server is not None else set()
             self.hub.end_all(EndReason.SHUTDOWN)
             try:
-                async with asyncio.timeout(self.settings.drain_timeout):
+                async with asyncio.timeout_at(deadline):
                     await self.hub.wait_for(lambda: self.hub.open_streams == 0)
             except TimeoutError:
                 log.warning("%d streams did not end within %.1fs; cancelling them",
                             self.hub.open_streams, self.settings.drain_timeout)  # fmt: skip
             if self._server is not None:
-                grace = min(_GOAWAY_GRACE, self.settings.drain_timeout)
-                await self._server.drain(idle, grace=grace, timeout=self.settings.drain_timeout)
+                left = max(deadline - loop.time(), 0.0)
+                await self._server.drain(idle, grace=min(_GOAWAY_GRACE, left), timeout=left)
             log.info("Server closed")
         finally:
             if self._server is not None:
-                self._server.close()  # idempotent; stops listening even if close() was cancelled
+                self._server.stop()  # idempotent; stops listening even if close() was cancelled
             if self._metrics is not None:
                 # its shutdown waits out a poll interval: not on the event loop
                 await asyncio.to_thread(self._metrics.close)
@@ -307,34 +359,40 @@ class SubscriptionManager(ServiceHandlers):
     async def unsubscribe(self, message: Request) -> Response:
         """End the stream of ``message.id`` with status OK (no authorization check).
 
+        What is queued is still delivered (for up to ``settings.drain_timeout`` seconds).
+
         Raises:
             GRPCError: NOT_FOUND when no subscriber has that id.
         """
         sub = self.hub.get(message.id)
         if sub is None:
             raise GRPCError(Status.NOT_FOUND, f"no subscriber with id {message.id}")
-        self.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED)
-        # what is queued is still delivered, but not to a peer that stopped reading
-        asyncio.get_running_loop().call_later(self.settings.drain_timeout, sub.abort)
+        self.hub.end_subscriber(
+            sub, EndReason.UNSUBSCRIBED, flush_timeout=self.settings.drain_timeout
+        )
         log.info("Unsubscribed client: %d", message.id)
         return Response()
 
-    async def subscribe(self, message: Request) -> AsyncGenerator[Response, None]:
+    async def subscribe(
+        self, message: Request, *, metadata: Mapping[str, str] | None = None
+    ) -> AsyncGenerator[Response, None]:
         """In-process subscription: yields what the subscriber ``message.id`` would receive.
 
-        The wire path does not go through this method (it streams pre-encoded bytes); it is
-        for code in the same process. Close it (``contextlib.aclosing``) to unsubscribe.
+        It follows the rules of the wire (authentication from ``metadata``, request checks,
+        authorization, limits, replay, heartbeats, slow-consumer policy); the stream it
+        would end with a status other than OK raises ``SubscriptionClosed``. Close the
+        generator (``contextlib.aclosing``) to unsubscribe.
         """
-        check_request(message)
-        sub = self.hub.register(
-            message.id,
-            topics=message.topics,
-            resume=message.resume_token,
-            control=message.accept_control,
-        )
+        transport = LocalTransport(message, metadata=metadata or {})
+        call = asyncio.create_task(SubscribeCall(self, transport).run())
         try:
-            while batch := await sub.take():
-                for data in batch:
-                    yield Response.FromString(data)
+            async for response in transport.responses():
+                yield response
+            await call
+            status = transport.status or Code.UNKNOWN  # set by every finished call
+            if status is not Code.OK:
+                raise SubscriptionClosed(status.name, transport.detail)
         finally:
-            self.hub.release(sub)
+            if not call.done():
+                call.cancel()
+                await asyncio.wait([call])

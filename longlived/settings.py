@@ -193,6 +193,11 @@ class AuthSettings(BaseModel):
         '(JSON, e.g. \'{"s3cret": "alice"}\')',
     )
     token: str | None = Field(None, description="client: bearer token to send")
+    public_methods: list[str] = Field(
+        default_factory=lambda: ["/grpc.health.v1.Health/Check"],
+        description="server: methods served without a token when auth is on (load balancer "
+        "and Kubernetes probes cannot send one); everything else needs one",
+    )
 
 
 class LimitSettings(BaseModel):
@@ -208,6 +213,29 @@ class LimitSettings(BaseModel):
         65_536, ge=64, le=64 * 1024 * 1024,
         description="largest request message accepted, bytes; larger get RESOURCE_EXHAUSTED",
     )  # fmt: skip
+    admission_timeout: float = Field(
+        10.0, gt=0, le=3600,
+        description="seconds a call gets to present its credentials and its whole request; "
+        "later: DEADLINE_EXCEEDED",
+    )  # fmt: skip
+    max_pending_streams: int = Field(
+        100, ge=1, le=1_000_000,
+        description="streams per connection whose request has not fully arrived; more are "
+        "refused (RESOURCE_EXHAUSTED)",
+    )  # fmt: skip
+    max_metadata_size: int = Field(
+        16_384, ge=1024, le=1 << 20,
+        description="request metadata per call, bytes (HPACK size); more fail that call "
+        "(RESOURCE_EXHAUSTED)",
+    )  # fmt: skip
+    resets_per_second: float = Field(
+        100.0, gt=0, le=1_000_000,
+        description="streams a connection may reset per second, sustained; beyond that and "
+        "the burst it gets GOAWAY ENHANCE_YOUR_CALM",
+    )  # fmt: skip
+    reset_burst: int = Field(
+        1000, ge=1, le=1_000_000, description="stream resets allowed at once on top of the rate"
+    )
 
 
 class MetricsSettings(BaseModel):
@@ -256,10 +284,11 @@ class Settings(BaseSettings):
         "(`protos`: the original Go server)",
     )
     max_streams_per_connection: int = Field(
-        100_000,
+        1024,
         ge=1,
         le=2**31 - 1,
-        description="HTTP/2 MAX_CONCURRENT_STREAMS the server advertises (h2's default is 100)",
+        description="HTTP/2 MAX_CONCURRENT_STREAMS the server advertises and enforces "
+        "(h2's default is 100)",
     )
     connect_timeout: float = Field(
         20.0,

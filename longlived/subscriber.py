@@ -30,6 +30,7 @@ class Subscriber:
 
     __slots__ = (
         "_allowance",
+        "_flush_timer",
         "_queue",
         "_wake",
         "aborted",
@@ -67,6 +68,7 @@ class Subscriber:
         self._queue: deque[bytes] = deque()
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<Subscriber id={self.id} queued={len(self._queue)} end={self.end_reason}>"
@@ -96,14 +98,28 @@ class Subscriber:
         self._queue.clear()
         self._allowance = 0
 
-    def end(self, reason: EndReason) -> None:
-        """End the subscription; the first reason wins."""
+    def end(self, reason: EndReason, *, flush_timeout: float | None = None) -> None:
+        """End the subscription; the first reason wins.
+
+        UNSUBSCRIBED keeps what is queued for the writer; with ``flush_timeout`` it is
+        abandoned after that many seconds (a peer that stopped reading). Every other reason
+        abandons the queue at once.
+        """
         if self.end_reason is None:
             self.end_reason = reason
             if reason is not EndReason.UNSUBSCRIBED:
                 self.abort()
+            elif flush_timeout is not None:
+                loop = asyncio.get_running_loop()
+                self._flush_timer = loop.call_later(flush_timeout, self.abort)
             self.ended.set()
             self._wake.set()
+
+    def close(self) -> None:
+        """The stream has finished: cancel the pending flush deadline, if any."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
 
     def abort(self) -> None:
         """Abandon whatever is still queued (an unsubscribed peer that does not read)."""

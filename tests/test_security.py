@@ -349,7 +349,7 @@ async def test_another_caller_cannot_take_over_a_subscription(
                 await anext(aiter(bob))
         assert (info.value.status, info.value.detail) == (
             "PERMISSION_DENIED",
-            "bob may not replace the subscription 1",
+            "bob may not take over the subscription 1",
         )
         assert bob.failures == 0
         assert server.rejected == collections.Counter({"PERMISSION_DENIED": 1})

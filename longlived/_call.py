@@ -1,0 +1,264 @@
+"""One object per call: the rules of ``Subscribe`` and ``Unsubscribe``, without gRPC.
+
+A call admits its request (authentication first, then the body, within
+``limits.admission_timeout``), checks it, authorizes it (ownership of an id outlives its
+stream while events sent to it can still be replayed), registers the subscriber, writes
+its messages and heartbeats, and ends with a status. It talks to its peer only through a
+``CallTransport``: the grpclib one in ``_transport``, an in-process one for
+``SubscriptionManager.subscribe``, or a fake in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import betterproto2
+
+from longlived._proto.longlived import Request, Response
+from longlived._status import CallError, Code
+from longlived._wire import HEARTBEAT_HEADER, check_request
+from longlived.auth import Caller
+from longlived.subscriber import EndReason, Subscriber
+
+if TYPE_CHECKING:
+    from longlived.hub import Hub
+    from longlived.settings import Settings
+
+__all__ = ["END_STATUS", "CallHost", "CallTransport", "SubscribeCall", "UnsubscribeCall"]
+
+log = logging.getLogger("longlived.server")
+
+M = TypeVar("M", bound=betterproto2.Message)
+
+END_STATUS = {
+    EndReason.UNSUBSCRIBED: Code.OK,
+    EndReason.REPLACED: Code.OK,
+    EndReason.TOO_SLOW: Code.RESOURCE_EXHAUSTED,
+    EndReason.SHUTDOWN: Code.UNAVAILABLE,
+    EndReason.MAX_AGE: Code.UNAVAILABLE,
+}
+"""The status a stream ends with, by why it ended."""
+
+
+class CallTransport(Protocol):
+    """What a call needs of its peer's stream."""
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log lines."""
+        ...
+
+    @property
+    def metadata(self) -> Mapping[str, str | bytes]:
+        """The request metadata (available before the body)."""
+        ...
+
+    async def read_request(self, message_type: type[M], *, max_size: int) -> M:
+        """The one request message; raises ``CallError`` naming what is wrong with it."""
+        ...
+
+    def admitted(self) -> None:
+        """The call passed admission: it no longer counts as a stream awaiting admission."""
+
+    async def start(self, metadata: Mapping[str, str] | None, abort: asyncio.Event) -> bool:
+        """Send the initial metadata; False if ``abort`` was set first."""
+        ...
+
+    async def write(self, messages: Sequence[bytes], abort: asyncio.Event) -> int:
+        """Write ``messages`` in order; how many were written (fewer only if aborted)."""
+        ...
+
+    async def reply(self, message: bytes) -> None:
+        """Send the single response message of a unary call."""
+
+    async def finish(
+        self, code: Code, message: str | None, *, final: bool = False, timeout: float
+    ) -> None:
+        """Send the final status; drop the peer if it cannot take it within ``timeout``."""
+
+
+class CallHost(Protocol):
+    """What a call needs of the server: settings, the hub, the hooks and the counters."""
+
+    settings: Settings
+    hub: Hub
+    messages_sent: int
+    rng: random.Random
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new subscriptions are accepted (False while draining)."""
+        ...
+
+    async def authenticate(self, metadata: Mapping[str, str | bytes]) -> Caller | None:
+        """Who is calling; None refuses the call."""
+        ...
+
+    def authorize_subscribe(self, caller: Caller, request: Request) -> bool:
+        """Whether ``caller`` may subscribe as ``request.id``."""
+        ...
+
+    def authorize_unsubscribe(self, caller: Caller, id: int, owner: str) -> bool:
+        """Whether ``caller`` may end (or take over) the id ``owner`` holds."""
+        ...
+
+    def refused(self, code: Code, message: str, peer: str) -> None:
+        """Count and log a refused call."""
+
+
+async def admit(host: CallHost, transport: CallTransport) -> tuple[Request, Caller]:
+    """Authenticate, then read and check the request, all within the admission timeout.
+
+    Authentication comes first, from the metadata: a stranger's body is never read, and
+    strangers learn nothing of the request rules.
+    """
+    limit = host.settings.limits.admission_timeout
+    try:
+        async with asyncio.timeout(limit):
+            caller = await host.authenticate(transport.metadata)
+            if caller is None:
+                raise CallError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
+            request = await transport.read_request(
+                Request, max_size=host.settings.limits.max_message_size
+            )
+    except TimeoutError:
+        raise CallError(
+            Code.DEADLINE_EXCEEDED, f"no complete request within {limit:g}s of the call"
+        ) from None
+    check_request(request)
+    return request, caller
+
+
+def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
+    """Refuse ``caller`` acting on ``id`` if another caller holds it."""
+    owner = host.hub.owner(id)
+    if owner is not None and not host.authorize_unsubscribe(caller, id, owner):
+        raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not {action} {id}")
+
+
+class SubscribeCall:
+    """One ``Subscribe``: admission, registration, the write loop and the final status."""
+
+    def __init__(self, host: CallHost, transport: CallTransport) -> None:
+        self.host = host
+        self.transport = transport
+
+    async def run(self) -> None:
+        """Serve the call to its end; it never raises ``CallError``."""
+        host, transport = self.host, self.transport
+        try:
+            request, caller = await admit(host, transport)
+            self._authorize(request, caller)
+        except CallError as exc:
+            host.refused(exc.code, exc.message, transport.peer)
+            await transport.finish(
+                exc.code, exc.message, final=exc.final, timeout=host.settings.drain_timeout
+            )
+            return
+        transport.admitted()
+        log.info("Received subscribe request from ID: %d", request.id)
+        sub = host.hub.register(
+            request.id,
+            topics=request.topics,
+            resume=request.resume_token,
+            control=request.accept_control or request.heartbeat_ms > 0,
+            owner=caller.name,
+        )
+        try:
+            await self._stream(sub, request)
+        except asyncio.CancelledError:
+            if sub.end_reason is None:
+                log.info("Client ID %d disconnected", sub.id)
+            raise
+        except Exception as exc:
+            log.warning("Failed to send data to client %d: %r", sub.id, exc)
+            raise
+        finally:
+            host.hub.release(sub)
+
+    def _authorize(self, request: Request, caller: Caller) -> None:
+        host, id = self.host, request.id
+        if not host.accepting:
+            raise CallError(Code.UNAVAILABLE, "server shutting down")
+        if not host.authorize_subscribe(caller, request):
+            raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
+        # taking over an id ends its stream or reads its events: the rule of Unsubscribe,
+        # and it holds while the id's events can still be replayed, not only while it is open
+        check_owner(host, caller, id, "take over the subscription")
+        limit = host.settings.limits.max_subscribers
+        if id not in host.hub and len(host.hub) >= limit:
+            raise CallError(Code.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
+
+    async def _stream(self, sub: Subscriber, request: Request) -> None:
+        """Write ``sub``'s messages (heartbeats when idle) until it ends, then its status."""
+        host, transport = self.host, self.transport
+        settings = host.settings
+        heartbeat = (
+            max(request.heartbeat_ms / 1000, settings.heartbeat.min_interval)
+            if request.heartbeat_ms
+            else None
+        )
+        age = self._max_age_timer(sub)
+        try:
+            # the client judges silence by the period actually granted
+            granted = {HEARTBEAT_HEADER: str(round(heartbeat * 1000))} if heartbeat else None
+            if await transport.start(granted, sub.aborted):
+                while (batch := await sub.take(idle=heartbeat)) is not None:
+                    # an abort leaves the rest unwritten; take() then reports the end
+                    host.messages_sent += await transport.write(
+                        batch or [host.hub.heartbeat()], sub.aborted
+                    )
+        finally:
+            if age is not None:
+                age.cancel()
+        reason = sub.end_reason
+        assert reason is not None  # only an end (or its flush deadline) aborts
+        log.info("Stream of client ID %d ended: %s", sub.id, reason.value)
+        await transport.finish(END_STATUS[reason], reason.value, timeout=settings.drain_timeout)
+
+    def _max_age_timer(self, sub: Subscriber) -> asyncio.TimerHandle | None:
+        """End ``sub`` after ``max_connection_age`` ±10 % (one timer per stream)."""
+        age = self.host.settings.max_connection_age
+        if age is None:
+            return None
+        delay = age * self.host.rng.uniform(0.9, 1.1)
+        return asyncio.get_running_loop().call_later(
+            delay, self.host.hub.end_subscriber, sub, EndReason.MAX_AGE
+        )
+
+
+class UnsubscribeCall:
+    """One ``Unsubscribe``: admission, authorization, ending the stream, the answer."""
+
+    def __init__(self, host: CallHost, transport: CallTransport) -> None:
+        self.host = host
+        self.transport = transport
+
+    async def run(self) -> None:
+        """Serve the call to its end; it never raises ``CallError``."""
+        host, transport = self.host, self.transport
+        timeout = host.settings.drain_timeout
+        try:
+            request, caller = await admit(host, transport)
+            sub = host.hub.get(request.id)
+            if sub is not None:
+                check_owner(host, caller, request.id, "unsubscribe")
+        except CallError as exc:
+            host.refused(exc.code, exc.message, transport.peer)
+            await transport.finish(exc.code, exc.message, final=exc.final, timeout=timeout)
+            return
+        if sub is None:  # an answer, not a refusal
+            await transport.finish(
+                Code.NOT_FOUND, f"no subscriber with id {request.id}", timeout=timeout
+            )
+            return
+        transport.admitted()
+        # what is queued is still delivered, but not to a peer that stopped reading
+        host.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED, flush_timeout=timeout)
+        log.info("Unsubscribed client: %d", request.id)
+        await transport.reply(bytes(Response()))
+        await transport.finish(Code.OK, None, timeout=timeout)
