@@ -251,6 +251,9 @@ class _Handler(grpclib.server.Handler):
     def accept(
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
     ) -> None:
+        if self.closing:  # after GOAWAY: the rest of what the peer sent is not served
+            release_stream()
+            return
         size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 7541 size
         if size > self.limits.max_metadata_size:
             limit = self.limits.max_metadata_size
@@ -279,6 +282,7 @@ class _Handler(grpclib.server.Handler):
 
     def cancel(self, stream: H2Stream) -> None:
         # the peer reset the stream (or broke the protocol on it)
+        self._incomplete.discard(stream)
         super().cancel(stream)
         if not self._resets.take():
             log.warning("Closing the connection from %s: more than %d stream resets "
@@ -291,19 +295,21 @@ class _Handler(grpclib.server.Handler):
         log.warning("Refused a stream from %s: %s", self.peer, message)
         assert stream.id is not None
         h2_conn = self.connection._connection
-        h2_conn.send_headers(
-            stream.id,
-            [
-                (":status", "200"),
-                ("content-type", "application/grpc+proto"),
-                ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
-                ("grpc-message", encode_grpc_message(message)),
-            ],
-            end_stream=True,
-        )
-        if not stream.buffer._eof:  # the rest of the request is not wanted
-            h2_conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
-        self.connection.flush()
+        h2_stream = h2_conn.streams.get(stream.id)
+        if h2_stream is not None and not h2_stream.closed:  # else the peer reset it already
+            h2_conn.send_headers(
+                stream.id,
+                [
+                    (":status", "200"),
+                    ("content-type", "application/grpc+proto"),
+                    ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                    ("grpc-message", encode_grpc_message(message)),
+                ],
+                end_stream=True,
+            )
+            if not h2_stream.closed:  # the rest of the request is not wanted
+                h2_conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
+            self.connection.flush()
         release()
         if self.connection.buffered() > 4 * _HIGH_WATER:  # refusals the peer does not read
             self.connection.abort()
@@ -368,8 +374,12 @@ class _Protocol(H2Protocol):
         self.connection.flush()
         if error is ErrorCodes.NO_ERROR:
             self.connection.close()
-        else:
-            self.processor.close(f"GOAWAY {error.name}")
+            return
+        # end every stream now and read nothing more; the GOAWAY gets a second to go out
+        self.handler.close()
+        transport = self.connection._transport
+        transport.close()
+        asyncio.get_running_loop().call_later(1.0, transport.abort)
 
 
 # ----------------------------------------------------------------------- streams

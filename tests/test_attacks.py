@@ -1,0 +1,325 @@
+"""Unlucky and hostile peers: each test once stalled, crashed or starved a real server.
+
+A canary subscriber on its own connection checks that nobody else is hurt: it must get
+every event, once, in order, while the attack runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import h2.errors
+import h2.events
+import pytest
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+from longlived import (
+    AuthSettings,
+    LimitSettings,
+    ReplaySettings,
+    Request,
+    Response,
+    Settings,
+    SubscriptionManager,
+)
+from longlived._transport import WRITE_CAP
+from tests.h2peer import H2Peer, grpc_body, request_headers
+from tests.helpers import Subscription, channel_for, receive, running, subscription
+
+TIMEOUT = 20
+
+
+@contextlib.asynccontextmanager
+async def canary(settings: Settings, id: int = 999) -> AsyncIterator[Subscription]:
+    """A subscriber on a connection of its own."""
+    channel = channel_for(settings)
+    try:
+        async with subscription(channel, id) as stream:
+            yield stream
+    finally:
+        channel.close()
+
+
+async def numbered(server: SubscriptionManager, stream: Subscription, count: int) -> None:
+    """Publish ``count`` numbered events; the canary must get each, in order."""
+    for n in range(count):
+        server.publish(str(n))
+        assert await receive(stream, 1, timeout=TIMEOUT) == [str(n)]
+
+
+async def refusal(channel: Channel, request: Request | None, **metadata: str) -> GRPCError:
+    """The status a Subscribe gets; ``request=None`` sends headers and nothing more."""
+    async with channel.request(
+        "/longlived.Longlived/Subscribe", Cardinality.UNARY_STREAM, Request, Response,
+        metadata=metadata or None,
+    ) as stream:  # fmt: skip
+        if request is None:
+            await stream.send_request()
+        else:
+            await stream.send_message(request, end=True)
+        with pytest.raises(GRPCError) as info:
+            async with asyncio.timeout(TIMEOUT):
+                await stream.recv_initial_metadata()
+                await stream.recv_message()
+    return info.value
+
+
+# ------------------------------------------------------------------ item 1: one large event
+
+
+async def test_an_event_larger_than_the_connection_window_is_delivered(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """A peer with a large stream window and the 64 KiB connection window used to wedge."""
+    config = Configuration(http2_connection_window_size=65_535, http2_stream_window_size=1 << 20)
+    channel = Channel(quiet.host, quiet.port, config=config)
+    try:
+        async with subscription(channel, 1) as stream:
+            server.publish("x" * 100_000)
+            server.publish("small")
+            assert await receive(stream, 2, timeout=TIMEOUT) == ["x" * 100_000, "small"]
+    finally:
+        channel.close()
+
+
+# ------------------------------------------------------------ item 5: unadmitted streams
+
+
+@pytest.fixture
+def strict(quiet: Settings) -> Settings:
+    return quiet.model_copy(
+        update={"limits": LimitSettings(admission_timeout=0.3, max_pending_streams=5)}
+    )
+
+
+async def test_a_call_that_never_sends_its_request_is_refused(
+    listener: socket.socket, strict: Settings
+) -> None:
+    async with running(strict, listener) as server, canary(strict) as bird:
+        peer = await H2Peer.connect(strict)
+        try:
+            stream_id = peer.open(request_headers())  # headers, and nothing more
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                status = await peer.status(stream_id)
+            assert status == (4, "no complete request within 0.3s of the call")  # DEADLINE_EXCEEDED
+        finally:
+            peer.close()
+        await numbered(server, bird, 3)
+        assert server.rejected == {"DEADLINE_EXCEEDED": 1}
+
+
+async def test_a_partial_request_body_is_refused(listener: socket.socket, strict: Settings) -> None:
+    async with running(strict, listener) as server:
+        peer = await H2Peer.connect(strict)
+        try:
+            stream_id = peer.open(request_headers())
+            peer.h2.send_data(stream_id, grpc_body(Request(id=1))[:4])  # no END_STREAM
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                status = await peer.status(stream_id)
+            assert status == (4, "no complete request within 0.3s of the call")
+        finally:
+            peer.close()
+        assert server.subscribers == []
+
+
+async def test_streams_awaiting_their_request_are_bounded_per_connection(
+    listener: socket.socket, strict: Settings
+) -> None:
+    parked = strict.model_copy(
+        update={"limits": LimitSettings(admission_timeout=30, max_pending_streams=5)}
+    )
+    async with running(parked, listener) as server, canary(parked) as bird:
+        peer = await H2Peer.connect(parked)
+        try:
+            ids = [peer.open(request_headers()) for _ in range(6)]
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                status = await peer.status(ids[-1])
+            assert status == (
+                8,  # RESOURCE_EXHAUSTED
+                "too many streams awaiting their request on this connection (limit 5)",
+            )
+            await numbered(server, bird, 3)
+        finally:
+            peer.close()
+
+
+async def test_many_complete_requests_at_once_are_not_counted_as_parked(
+    listener: socket.socket, strict: Settings
+) -> None:
+    """The bound is on requests still incomplete, not on a burst of well-formed ones."""
+    async with running(strict, listener) as server:
+        peer = await H2Peer.connect(strict)
+        try:
+            for id in range(20):  # one write: the server reads them all in one go
+                peer.open(request_headers(), grpc_body(Request(id=id)))
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_for(lambda: len(server.subscribers) == 20)
+        finally:
+            peer.close()
+
+
+@pytest.fixture
+def authed(quiet: Settings) -> Settings:
+    return quiet.model_copy(
+        update={
+            "auth": AuthSettings(tokens={"s3cret": "alice"}),
+            "limits": LimitSettings(admission_timeout=30),
+        }
+    )
+
+
+async def test_strangers_are_refused_before_their_request_arrives(
+    listener: socket.socket, authed: Settings
+) -> None:
+    async with running(authed, listener) as server:
+        peer = await H2Peer.connect(authed)
+        try:
+            stream_id = peer.open(request_headers())  # the body never comes: no need to wait
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                status = await peer.status(stream_id)
+            assert status == (16, "missing or invalid bearer token")  # UNAUTHENTICATED
+        finally:
+            peer.close()
+        assert server.rejected == {"UNAUTHENTICATED": 1}
+
+
+async def test_health_watch_needs_a_token_but_check_does_not(
+    listener: socket.socket, authed: Settings
+) -> None:
+    async with running(authed, listener) as server:
+        channel = channel_for(authed)
+        try:
+            health = HealthStub(channel)
+            answer = await health.Check(HealthCheckRequest(service=""))
+            assert answer.status == HealthCheckResponse.SERVING
+            with pytest.raises(GRPCError) as info:
+                async with asyncio.timeout(TIMEOUT), health.Watch.open() as watch:
+                    await watch.send_message(HealthCheckRequest(service=""), end=True)
+                    await watch.recv_message()
+            assert info.value.status is Status.UNAUTHENTICATED
+            async with (
+                asyncio.timeout(TIMEOUT),
+                health.Watch.open(metadata={"authorization": "Bearer s3cret"}) as watch,
+            ):
+                await watch.send_message(HealthCheckRequest(service=""), end=True)
+                reply = await watch.recv_message()
+                assert reply is not None
+                assert reply.status == HealthCheckResponse.SERVING
+                await watch.cancel()
+        finally:
+            channel.close()
+        assert server.rejected == {"UNAUTHENTICATED": 1}
+
+
+async def test_a_health_watch_that_never_sends_its_request_is_refused(
+    listener: socket.socket, strict: Settings
+) -> None:
+    async with running(strict, listener) as server:
+        channel = channel_for(strict)
+        try:
+            with pytest.raises(GRPCError) as info:
+                async with asyncio.timeout(TIMEOUT), HealthStub(channel).Watch.open() as watch:
+                    await watch.send_request()
+                    await watch.recv_message()
+            assert info.value.status is Status.DEADLINE_EXCEEDED
+        finally:
+            channel.close()
+        assert server.rejected == {"DEADLINE_EXCEEDED": 1}
+
+
+# ----------------------------------------------------------------- item 6: rapid reset
+
+
+async def test_rapid_reset_gets_goaway_and_the_canary_loses_nothing(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    settings = quiet.model_copy(
+        update={"limits": LimitSettings(resets_per_second=50, reset_burst=200)}
+    )
+    async with running(settings, listener) as server, canary(settings) as bird:
+        peer = await H2Peer.connect(settings)
+        try:
+            sent = 0
+            with contextlib.suppress(ConnectionError):
+                while sent < 20_000:  # far beyond the burst, as fast as the socket takes it
+                    for _ in range(100):
+                        stream_id = peer.open(request_headers())
+                        peer.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                        sent += 1
+                    await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                event = await peer.read_until(h2.events.ConnectionTerminated)
+            assert isinstance(event, h2.events.ConnectionTerminated)
+            assert event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert event.additional_data == b"too many stream resets"
+        finally:
+            peer.close()
+        await numbered(server, bird, 5)
+
+
+# ----------------------------------------------------- item 7: peers that stop reading
+
+
+async def test_peers_with_huge_windows_that_stop_reading_hold_bounded_memory(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    settings = quiet.model_copy(update={"replay": ReplaySettings(size=2000)})
+    async with running(settings, listener) as server:
+        first = server.publish("first")
+        for n in range(1999):
+            server.publish(f"{n}:" + "y" * 10_000)  # 20 MB of history to replay
+        token = f"{first.epoch}:0"
+        peers = [await H2Peer.connect(settings, window=2**31 - 1) for _ in range(8)]
+        try:
+            for id, peer in enumerate(peers):
+                peer.open(request_headers(), grpc_body(Request(id=id, resume_token=token)))
+                await peer.flush()
+            assert server._server is not None
+            protocols = server._server._protocols
+            async with asyncio.timeout(TIMEOUT):
+                # every writer to a non-reading peer ends up paused on its full socket
+                while (  # noqa: ASYNC110  # nothing signals that the kernel buffers filled
+                    len(protocols) < 8
+                    or sum(not p.connection.write_ready.is_set() for p in protocols) < 8
+                ):
+                    await asyncio.sleep(0.01)
+            per_connection = 2 * WRITE_CAP + 16_384  # the README's bound: buffer + one write
+            assert server._server.buffered() <= 8 * per_connection
+            async with canary(settings) as bird:
+                server.publish("canary")
+                assert await receive(bird, 1, timeout=TIMEOUT) == ["canary"]
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+# ---------------------------------------------------------- item 10: oversized metadata
+
+
+async def test_oversized_metadata_fails_its_stream_not_the_connection(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    channel = channel_for(quiet)
+    try:
+        error = await refusal(channel, Request(id=1), **{"x-big": "a" * 100_000})
+        assert error.status is Status.RESOURCE_EXHAUSTED
+        assert error.message is not None
+        assert "request metadata of" in error.message
+        async with subscription(channel, 2) as stream:  # the same connection carries on
+            server.publish("still here")
+            assert await receive(stream, 1) == ["still here"]
+    finally:
+        channel.close()
