@@ -21,7 +21,7 @@ from pydantic_settings import CliSettingsSource, SettingsError
 
 from longlived.client import ResilientClient
 from longlived.errors import LonglivedError, ResumeExpired
-from longlived.metrics import client_samples, serve_metrics
+from longlived.metrics import client_samples, on_loop, serve_metrics
 from longlived.server import SubscriptionManager
 from longlived.settings import Settings, format_validation_error
 
@@ -116,7 +116,9 @@ async def run_clients(
     metrics = None
     if serve_client_metrics and settings.metrics.port is not None:
         metrics = serve_metrics(
-            lambda: client_samples(clients), host=settings.metrics.host, port=settings.metrics.port
+            on_loop(lambda: client_samples(clients), asyncio.get_running_loop()),
+            host=settings.metrics.host,
+            port=settings.metrics.port,
         )
         log.info("Metrics on http://%s:%d/metrics", settings.metrics.host, metrics.port)
     try:

@@ -8,6 +8,7 @@ in its own ``CollectorRegistry``, so several can live in one process.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "Sample",
     "StatsCollector",
     "client_samples",
+    "on_loop",
     "serve_metrics",
 ]
 
@@ -129,8 +131,35 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
+def on_loop(
+    read: Callable[[], list[Sample]], loop: asyncio.AbstractEventLoop, *, timeout: float = 5.0
+) -> Callable[[], list[Sample]]:
+    """``read``, but run on ``loop``'s thread: the counters it reads belong to that loop.
+
+    The scrape thread hands the call over and waits up to ``timeout`` seconds for it.
+    """
+
+    def threadsafe() -> list[Sample]:
+        future: concurrent.futures.Future[list[Sample]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(read())
+            except BaseException as exc:  # handed to the scrape thread, which reports it
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    return threadsafe
+
+
 def serve_metrics(read: Callable[[], list[Sample]], *, host: str, port: int) -> MetricsServer:
-    """Serve the samples ``read()`` returns on ``http://host:port/metrics`` (a thread)."""
+    """Serve the samples ``read()`` returns on ``http://host:port/metrics`` (a thread).
+
+    ``read`` runs in the server's thread: wrap it with ``on_loop`` when what it reads
+    belongs to an event loop.
+    """
     registry = CollectorRegistry()
     registry.register(StatsCollector(read))
     server, thread = start_http_server(port, addr=host, registry=registry)

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import grpclib.const
+import grpclib.server
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
@@ -39,7 +40,7 @@ from longlived._wire import PACKAGES, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.errors import SubscriptionClosed
 from longlived.hub import EndReason, Hub, Position
-from longlived.metrics import MetricsServer, Sample, serve_metrics
+from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
 from longlived.settings import Settings
 from longlived.tls import server_context
 
@@ -210,6 +211,12 @@ class SubscriptionManager(LonglivedBase):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def setup_server(self, server: grpclib.server.Server) -> None:
+        """Called by ``start`` with the grpclib server before it listens. Override it to
+        add grpclib event listeners (``grpclib.events.listen``) for middleware and tracing:
+        ``RecvRequest``, ``RecvMessage``, ``SendInitialMetadata``, ``SendMessage`` and
+        ``SendTrailingMetadata`` fire for every RPC, ``Longlived`` ones included."""
+
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return longlived_mapping(self)
 
@@ -258,11 +265,14 @@ class SubscriptionManager(LonglivedBase):
             config=grpc_config(settings.keepalive),
         )
         ssl = server_context(settings.tls)
+        self.setup_server(server)
         metrics = None
         try:
             if settings.metrics.port is not None:
                 metrics = serve_metrics(
-                    self.stats, host=settings.metrics.host, port=settings.metrics.port
+                    on_loop(self.stats, asyncio.get_running_loop()),
+                    host=settings.metrics.host,
+                    port=settings.metrics.port,
                 )
             if sock is not None:
                 await server.start(sock=sock, ssl=ssl)

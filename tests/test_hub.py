@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+from collections.abc import Iterator
 
 import pytest
 
-from longlived import EndReason, Hub, Kind, Position, Response, ResponseKind
+from longlived import EndReason, Event, Hub, Kind, Position, Response, ResponseKind
 from longlived._wire import encode_message
 from longlived.hub import Policy
 
@@ -223,3 +225,30 @@ async def test_wait_for_wakes_on_changes() -> None:
     hub.register(5)
     async with asyncio.timeout(1):
         await waiter
+
+
+class CountingHistory(collections.deque[Event]):
+    """A history that counts the events a lookup looks at."""
+
+    looked = 0
+
+    def __iter__(self) -> Iterator[Event]:
+        for event in super().__iter__():
+            self.looked += 1
+            yield event
+
+    def __reversed__(self) -> Iterator[Event]:
+        for event in super().__reversed__():
+            self.looked += 1
+            yield event
+
+
+def test_resume_looks_only_at_what_was_missed() -> None:
+    """Every resume used to scan the whole history (14 ms at a million events)."""
+    hub = make_hub(history_size=10_000)
+    hub._history = CountingHistory(maxlen=10_000)
+    for n in range(10_000):
+        hub.publish(str(n))
+    sub = hub.register(1, resume=Position("e1", 9_997).token)
+    assert [data for _, data, _ in decode(list(sub._queue))] == ["9997", "9998", "9999"]
+    assert hub._history.looked == 4  # the three missed, and the one that ends the walk

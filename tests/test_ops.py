@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,7 +40,7 @@ from longlived import (
     Settings,
     SubscriptionManager,
 )
-from longlived.metrics import serve_metrics
+from longlived.metrics import Sample, serve_metrics
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 10
@@ -391,6 +392,28 @@ async def test_metrics_count_resumes_and_resets(metered: Settings, listener: soc
             }
     finally:
         channel.close()
+
+
+class ThreadNoting(SubscriptionManager):
+    """Notes which thread reads the counters."""
+
+    readers: list[int]
+
+    def stats(self) -> list[Sample]:
+        self.readers.append(threading.get_ident())
+        return super().stats()
+
+
+async def test_counters_are_read_on_the_event_loop(
+    metered: Settings, listener: socket.socket
+) -> None:
+    """The scrape thread used to read the loop's dicts while the loop changed them."""
+    async with running(metered, listener, ThreadNoting) as manager:
+        assert isinstance(manager, ThreadNoting)
+        manager.readers = []
+        page = await scrape(manager.metrics_port)
+    assert page.values["longlived_subscribers"] == 0
+    assert manager.readers == [threading.get_ident()]
 
 
 async def test_metrics_count_a_slow_subscriber_cut_off(

@@ -6,13 +6,24 @@ import asyncio
 import contextlib
 import socket
 
+import grpclib.events
+import grpclib.server
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
+from grpclib.events import RecvMessage, SendMessage
 from grpclib.exceptions import GRPCError
 
-from longlived import QueueSettings, Request, Response, Settings, SubscriptionManager
-from tests.helpers import channel_for, receive, subscription
+from longlived import (
+    MetricsSettings,
+    QueueSettings,
+    Request,
+    Response,
+    Settings,
+    SubscriptionManager,
+)
+from tests.h2peer import H2Peer, grpc_body, request_headers
+from tests.helpers import channel_for, receive, running, subscription
 
 TIMEOUT = 5
 
@@ -266,3 +277,92 @@ async def test_in_process_subscribe_yields_events(
         assert 3 not in server.subscribers
     finally:
         await server.close()
+
+
+async def test_start_is_all_or_nothing(listener: socket.socket, settings: Settings) -> None:
+    """With the metrics port taken, gRPC used to serve anyway and start() could not retry."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    quiet = settings.model_copy(
+        update={"interval": 3600.0, "metrics": MetricsSettings(port=taken.getsockname()[1])}
+    )
+    server = SubscriptionManager(quiet)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await server.start(sock=listener)
+        assert server.health.__status__() is not True  # health never said SERVING
+        taken.close()
+        await server.start(sock=listener)  # the same server starts once the port is free
+        channel = channel_for(quiet)
+        try:
+            async with subscription(channel, 1) as stream:
+                server.send(1, "up")
+                assert await receive(stream, 1) == ["up"]
+        finally:
+            channel.close()
+    finally:
+        taken.close()
+        await server.close()
+
+
+class Traced(SubscriptionManager):
+    """Records grpclib's server events, as tracing middleware would."""
+
+    seen: list[tuple[str, object]]
+
+    def setup_server(self, server: grpclib.server.Server) -> None:
+        self.seen = []
+
+        async def received(event: RecvMessage) -> None:
+            self.seen.append(("recv", event.message))
+
+        async def sent(event: SendMessage) -> None:
+            self.seen.append(("send", event.message))
+
+        grpclib.events.listen(server, RecvMessage, received)
+        grpclib.events.listen(server, SendMessage, sent)
+
+
+async def test_grpclib_server_events_fire_for_longlived_calls(
+    listener: socket.socket, settings: Settings
+) -> None:
+    quiet = settings.model_copy(update={"interval": 3600.0})
+    async with running(quiet, listener, Traced) as server:
+        assert isinstance(server, Traced)
+        channel = channel_for(quiet)
+        try:
+            async with subscription(channel, 1) as stream:
+                server.send(1, "traced")
+                assert await receive(stream, 1) == ["traced"]
+        finally:
+            channel.close()
+    kinds = [(kind, type(message).__name__) for kind, message in server.seen]
+    assert kinds == [("recv", "Request"), ("send", "Response")]
+    assert server.seen[0][1] == Request(id=1)
+    sent = server.seen[1][1]
+    assert isinstance(sent, Response)
+    assert sent.data == "traced"
+
+
+async def test_close_keeps_to_the_drain_timeout_with_a_peer_that_stopped_reading(
+    listener: socket.socket, settings: Settings
+) -> None:
+    """close() used to take up to 2 x drain_timeout + 1 s."""
+    drain = 2.0
+    quiet = settings.model_copy(update={"interval": 3600.0, "drain_timeout": drain})
+    server = SubscriptionManager(quiet)
+    await server.start(sock=listener)
+    peer = await H2Peer.connect(quiet, window=2**31 - 1)  # grants everything, reads nothing
+    try:
+        peer.open(request_headers(), grpc_body(Request(id=1)))
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: 1 in server.subscribers)
+        for n in range(400):
+            server.send(1, f"{n}:" + "z" * 50_000)  # far more than the sockets hold
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await server.close()
+        took = loop.time() - began
+    finally:
+        peer.close()
+    assert took < drain + 1.0  # the deadline, plus a margin for a loaded machine
