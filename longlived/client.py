@@ -46,6 +46,8 @@ RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
 """Statuses after which the client subscribes again instead of giving up."""
 
 _RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError)
+_MAX_ID = 2**31 - 1
+"""The largest id an int32 holds."""
 
 
 class ResilientClient:
@@ -68,7 +70,8 @@ class ResilientClient:
     resume in a later process (``resume_token=``).
 
     Args:
-        id: the subscriber id sent in every ``Subscribe``.
+        id: the subscriber id sent in every ``Subscribe``: from 0 to 2**31 - 1 (the wire
+            carries an int32, and the server refuses negative ids).
         settings: address, backoff, package, topics, heartbeat and timeouts.
         topics: receive only events published on these topics (default
             ``settings.topics``; empty: all). Events sent to this id always arrive.
@@ -76,6 +79,9 @@ class ResilientClient:
         rng: randomness for backoff jitter (seed it for determinism).
         sleep: the sleep used between attempts (injected by tests).
         metadata: extra request metadata (for example an ``authorization`` header).
+
+    Raises:
+        ValueError: ``id`` is out of range, or a topic name is not allowed.
     """
 
     def __init__(
@@ -89,6 +95,9 @@ class ResilientClient:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
+        if not 0 <= id <= _MAX_ID:
+            # protobuf would silently keep the low 32 bits: 2**32 + 5 would subscribe as 5
+            raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {_MAX_ID}")
         self.id = id
         self.settings = settings if settings is not None else Settings()
         self.topics = list(self.settings.topics if topics is None else topics)
