@@ -155,7 +155,7 @@ class ResilientClient:
             id=self.id,
             resume_token=self._token,
             topics=self.topics,
-            heartbeat_ms=round(self.heartbeat * 1000),
+            heartbeat_ms=_milliseconds(self.heartbeat),
             accept_control=True,
         )
 
@@ -379,6 +379,11 @@ class ResilientClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _milliseconds(period: float) -> int:
+    """``period`` seconds in whole milliseconds; never 0 for a period > 0 (0 asks for none)."""
+    return max(round(period * 1000), 1) if period > 0 else 0
 
 
 def _describe(error: BaseException) -> str:

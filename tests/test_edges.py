@@ -100,12 +100,16 @@ async def test_odd_digit_token_is_malformed_not_a_crash(
         channel.close()
 
 
+@pytest.mark.parametrize("interval", [0.02, 0.0004], ids=["20ms", "under-1ms"])
 async def test_granted_heartbeat_period_is_respected(
-    listener: socket.socket, quiet: Settings
+    listener: socket.socket, quiet: Settings, interval: float
 ) -> None:
-    """The client asks for 20 ms, the server grants 200 ms: no false 'dead stream'."""
+    """The client asks for 20 ms, the server grants 200 ms: no false 'dead stream'.
+
+    Under a millisecond must not round to 0 ms, which asks for no heartbeats at all.
+    """
     slow_beats = quiet.model_copy(
-        update={"heartbeat": HeartbeatSettings(interval=0.02, misses=3, min_interval=0.2)}
+        update={"heartbeat": HeartbeatSettings(interval=interval, misses=3, min_interval=0.2)}
     )
     server = SubscriptionManager(slow_beats)
     await server.start(sock=listener)
