@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import betterproto2
 import grpclib.server
 from google.protobuf import message_factory
+from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GrpcServer",
     "PassThroughCodec",
+    "ResilientChannel",
     "decode_request",
     "end_stream",
     "grpc_config",
@@ -401,3 +403,24 @@ async def end_stream(
         log.warning("Peer %s did not take the final status in %.1fs; closing its connection",
                     stream.peer.addr() if stream.peer else "?", timeout)  # fmt: skip
         stream._stream.connection._transport.abort()
+
+
+# ---------------------------------------------------------------- client side
+
+
+class ResilientChannel(Channel):
+    """grpclib's ``Channel``, but it never hands out a connection that is already closed.
+
+    grpclib's ``Connection.close()`` (a keepalive ping left unanswered) drops the transport
+    at once, while ``Channel`` only learns of the loss when asyncio reports it, later: a
+    stream opened in between fails with ``AttributeError`` instead of a connection error.
+    Here a closing connection counts as lost, so the next stream gets a fresh one.
+    """
+
+    _protocol: H2Protocol | None  # grpclib declares only its default, None
+
+    @property
+    def _connected(self) -> bool:
+        # grpclib checks only handler.connection_lost, which asyncio's connection_lost sets
+        protocol = self._protocol
+        return super()._connected and protocol is not None and not protocol.connection.is_closing()

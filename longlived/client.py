@@ -24,12 +24,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Map
 from types import TracebackType
 from typing import Literal, Self
 
-from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from longlived._proto.longlived import Request, Response, ResponseKind
-from longlived._transport import grpc_config
+from longlived._transport import ResilientChannel, grpc_config
 from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
@@ -124,7 +123,7 @@ class ResilientClient:
         self._metadata = dict(metadata or {})
         if self.settings.auth.token is not None:
             self._metadata.setdefault("authorization", f"Bearer {self.settings.auth.token}")
-        self._channel: Channel | None = None
+        self._channel: ResilientChannel | None = None
         self._iterator: AsyncGenerator[Response, None] | None = None
         self._closed = False
         self._stop = asyncio.Event()
@@ -159,10 +158,10 @@ class ResilientClient:
             accept_control=True,
         )
 
-    def _get_channel(self) -> Channel:
+    def _get_channel(self) -> ResilientChannel:
         if self._channel is None:
             host, port = parse_address(self.settings.address)
-            self._channel = Channel(
+            self._channel = ResilientChannel(
                 host,
                 port,
                 ssl=client_context(self.settings.tls),

@@ -203,6 +203,26 @@ async def test_repeated_resets_back_off(listener: socket.socket, quiet: Settings
         await server.close()
 
 
+async def test_connection_closed_by_keepalive_is_replaced_not_reused(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """Keepalive closes the connection while the app handles a RESET; asyncio reports the
+    loss only later. Iterating again connects afresh instead of crashing."""
+    client = ResilientClient(1, settings=quiet, resume_token="gone:1")
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ResumeExpired):
+                await anext(aiter(client))
+            server.publish("after the reset")
+            assert client._channel is not None
+            protocol = await client._channel.__connect__()  # the connection it keeps
+            protocol.connection.close()  # what grpclib does when a keepalive ping times out
+            assert (await anext(aiter(client))).data == "after the reset"
+        assert client.connections == 2
+    finally:
+        await client.aclose()
+
+
 async def raw_request(channel: Channel, payload: bytes) -> GRPCError:
     """Send ``payload`` as the raw body of a Subscribe request; the error it gets."""
     with pytest.raises(GRPCError) as info:
