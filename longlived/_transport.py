@@ -409,18 +409,51 @@ async def end_stream(
 
 
 class ResilientChannel(Channel):
-    """grpclib's ``Channel``, but it never hands out a connection that is already closed.
+    """grpclib's ``Channel``, but it never hands out a connection that is closed or closing.
 
     grpclib's ``Connection.close()`` (a keepalive ping left unanswered) drops the transport
     at once, while ``Channel`` only learns of the loss when asyncio reports it, later: a
     stream opened in between fails with ``AttributeError`` instead of a connection error.
     Here a closing connection counts as lost, so the next stream gets a fresh one.
+
+    And grpclib's ``close()`` does nothing while a connection is being made, which then
+    opens after all. Here ``close()`` also stops a connect under way: the stream waiting
+    for it, and any opened later, get ``ConnectionAbortedError``.
     """
 
     _protocol: H2Protocol | None  # grpclib declares only its default, None
+
+    def __init__(self, host: str, port: int, **options: Any) -> None:
+        """``options`` are grpclib's ``Channel`` keyword arguments (``ssl``, ``config``)."""
+        super().__init__(host, port, **options)
+        self._closing = asyncio.Event()
 
     @property
     def _connected(self) -> bool:
         # grpclib checks only handler.connection_lost, which asyncio's connection_lost sets
         protocol = self._protocol
         return super()._connected and protocol is not None and not protocol.connection.is_closing()
+
+    async def __connect__(self) -> H2Protocol:
+        if self._closing.is_set():
+            raise ConnectionAbortedError("the channel is closed")
+        if self._connected:
+            assert self._protocol is not None
+            return self._protocol
+        connecting = asyncio.ensure_future(super().__connect__())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((connecting, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connecting.cancel()  # close(), or the caller's own cancellation (a timeout)
+            closing.cancel()
+        if self._closing.is_set():
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                self.close()  # it connected just as close() was called: close it too
+            raise ConnectionAbortedError("the channel was closed while connecting")
+        return connecting.result()
+
+    def close(self) -> None:
+        """Close the connection, or stop the one being made."""
+        self._closing.set()
+        super().close()

@@ -211,7 +211,8 @@ class ResilientClient:
                 async with contextlib.aclosing(self._stream_once()) as stream:
                     async for response in stream:
                         yield response
-                log.info("Client ID %d: the server ended the subscription", self.id)
+                if not self._closed:
+                    log.info("Client ID %d: the server ended the subscription", self.id)
                 return
             except GRPCError as exc:
                 if exc.status not in RETRYABLE_STATUSES:
@@ -261,13 +262,15 @@ class ResilientClient:
                 if NO_RETRY_HEADER in (stream.trailing_metadata or {}):
                     raise SubscriptionClosed(exc.status.name, exc.message) from exc
                 raise
+            if self._closed:  # aclose() while the server answered: the channel is closed
+                return
             silence = self._silence(stream.initial_metadata)
             self._set_connected(True)
             try:
                 while True:
                     async with asyncio.timeout(silence):
                         response = await stream.recv_message()
-                    if response is None:
+                    if response is None or self._closed:  # nothing after aclose() returned
                         return
                     self._progress = True
                     if self._accept(response):
@@ -359,12 +362,13 @@ class ResilientClient:
     async def aclose(self) -> None:
         """Stop receiving and close the connection. Idempotent.
 
-        Safe to call from another task than the one iterating: that iteration then ends.
+        Safe to call from another task than the one iterating, even while it is still
+        connecting: that iteration then ends, and yields no message once this returned.
         """
         self._closed = True
         self._stop.set()
         iterator, self._iterator = self._iterator, None
-        self._drop_channel()  # ends a stream being read in another task
+        self._drop_channel()  # ends a stream being read in another task, or its connect
         if iterator is not None and not self._reading:
             await iterator.aclose()
 

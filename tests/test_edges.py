@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 import socket
 import struct
+from pathlib import Path
 
 import pytest
+import trustme
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
@@ -25,9 +28,11 @@ from longlived import (
     Settings,
     SubscriptionClosed,
     SubscriptionManager,
+    TlsSettings,
 )
 from longlived.hub import EndReason
-from tests.helpers import channel_for, receive, subscription
+from tests.helpers import channel_for, receive, running, subscription
+from tests.proxy import proxy_to
 
 TIMEOUT = 10
 
@@ -169,6 +174,50 @@ async def test_aclose_from_another_task_ends_the_iteration(
         await reader  # ends normally
         await server.wait_for(lambda: 7 not in server.subscribers)
     assert received == []
+
+
+def throwaway_tls(directory: Path) -> tuple[TlsSettings, TlsSettings]:
+    """TLS settings for a server on 127.0.0.1 and for a client trusting it (a test CA)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_path, cert_path, key_path = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_path))
+    for blob in cert.cert_chain_pems:
+        blob.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    return TlsSettings(cert=cert_path, key=key_path), TlsSettings(ca=ca_path)
+
+
+async def test_aclose_while_connecting_stops_the_client(
+    listener: socket.socket, quiet: Settings, tmp_path: Path
+) -> None:
+    """aclose() while the TLS handshake is under way: no stream opens once it completes."""
+    server_tls, client_tls = throwaway_tls(tmp_path)
+    async with (
+        running(quiet.model_copy(update={"tls": server_tls}), listener) as server,
+        proxy_to((quiet.host, quiet.port)) as (proxy, port),
+    ):
+        start = server.publish("before")
+        server.publish("missed while connecting")  # replayed at once to a stream that opens
+        through = quiet.model_copy(update={"address": f"127.0.0.1:{port}", "tls": client_tls})
+        client = ResilientClient(1, settings=through, resume_token=start.token)
+        received: list[str] = []
+
+        async def read() -> None:
+            async for response in client:
+                received.append(response.data)
+                break  # one message after aclose() is the failure: no need to wait for more
+
+        proxy.hold()
+        async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tasks:
+            reader = tasks.create_task(read())
+            await proxy.until(accepted=1)  # the client's TLS hello waits in the proxy
+            await client.aclose()
+            proxy.release()  # a handshake that completes now must not be used
+            await reader
+        assert received == []
+        assert not client.connected.is_set()
+        gc.collect()  # a connection left open warns (ResourceWarning) when collected
 
 
 class EpochHopper(SubscriptionManager):
