@@ -435,6 +435,7 @@ class ResilientChannel(Channel):
         return super()._connected and protocol is not None and not protocol.connection.is_closing()
 
     async def __connect__(self) -> H2Protocol:
+        """The open connection, or a new one unless ``close()`` is called first."""
         if self._closing.is_set():
             raise ConnectionAbortedError("the channel is closed")
         if self._connected:
