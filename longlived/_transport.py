@@ -13,7 +13,9 @@ Everything grpclib 0.4 does not offer as public API lives here, and
   soon as the flow-control window is positive, check write readiness before every write)
   and hand the socket at most ``WRITE_CAP`` bytes per write, so a peer that stops reading
   holds at most about that much per connection in userspace buffers;
-- GOAWAY, drain and the registry of open connections.
+- GOAWAY, drain and the registry of open connections;
+- ``ResilientChannel``: grpclib's client ``Channel``, never reusing a closing connection
+  and stopping a connect that ``close()`` overtakes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import betterproto2
 import grpclib.const
 import grpclib.server
+from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
@@ -58,6 +61,7 @@ __all__ = [
     "ConnectionLimits",
     "GrpcServer",
     "PassThroughCodec",
+    "ResilientChannel",
     "StreamCall",
     "grpc_config",
     "guarded",
@@ -762,3 +766,58 @@ class GrpcServer(grpclib.server.Server):
         """Stop listening and cancel every handler (idempotent; a no-op before ``start``)."""
         if self._server is not None:
             self.close()
+
+
+# ---------------------------------------------------------------- client side
+
+
+class ResilientChannel(Channel):
+    """grpclib's ``Channel``, but it never hands out a connection that is closed or closing.
+
+    grpclib's ``Connection.close()`` (a keepalive ping left unanswered) drops the transport
+    at once, while ``Channel`` only learns of the loss when asyncio reports it, later: a
+    stream opened in between fails with ``AttributeError`` instead of a connection error.
+    Here a closing connection counts as lost, so the next stream gets a fresh one.
+
+    And grpclib's ``close()`` does nothing while a connection is being made, which then
+    opens after all. Here ``close()`` also stops a connect under way: the stream waiting
+    for it, and any opened later, get ``ConnectionAbortedError``.
+    """
+
+    _protocol: H2Protocol | None  # grpclib declares only its default, None
+
+    def __init__(self, host: str, port: int, **options: Any) -> None:
+        """``options`` are grpclib's ``Channel`` keyword arguments (``ssl``, ``config``)."""
+        super().__init__(host, port, **options)
+        self._closing = asyncio.Event()
+
+    @property
+    def _connected(self) -> bool:
+        # grpclib checks only handler.connection_lost, which asyncio's connection_lost sets
+        protocol = self._protocol
+        return super()._connected and protocol is not None and not protocol.connection.is_closing()
+
+    async def __connect__(self) -> H2Protocol:
+        """The open connection, or a new one unless ``close()`` is called first."""
+        if self._closing.is_set():
+            raise ConnectionAbortedError("the channel is closed")
+        if self._connected:
+            assert self._protocol is not None
+            return self._protocol
+        connecting = asyncio.ensure_future(super().__connect__())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((connecting, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connecting.cancel()  # close(), or the caller's own cancellation (a timeout)
+            closing.cancel()
+        if self._closing.is_set():
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                self.close()  # it connected just as close() was called: close it too
+            raise ConnectionAbortedError("the channel was closed while connecting")
+        return connecting.result()
+
+    def close(self) -> None:
+        """Close the connection, or stop the one being made."""
+        self._closing.set()
+        super().close()

@@ -24,12 +24,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Map
 from types import TracebackType
 from typing import Literal, Self
 
-from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from longlived._proto.longlived import Request, Response, ResponseKind
-from longlived._transport import grpc_config
+from longlived._transport import ResilientChannel, grpc_config
 from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
@@ -46,6 +45,8 @@ RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
 """Statuses after which the client subscribes again instead of giving up."""
 
 _RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError)
+_MAX_ID = 2**31 - 1
+"""The largest id an int32 holds."""
 
 
 class ResilientClient:
@@ -68,7 +69,8 @@ class ResilientClient:
     resume in a later process (``resume_token=``).
 
     Args:
-        id: the subscriber id sent in every ``Subscribe``.
+        id: the subscriber id sent in every ``Subscribe``: from 0 to 2**31 - 1 (the wire
+            carries an int32, and the server refuses negative ids).
         settings: address, backoff, package, topics, heartbeat and timeouts.
         topics: receive only events published on these topics (default
             ``settings.topics``; empty: all). Events sent to this id always arrive.
@@ -76,6 +78,9 @@ class ResilientClient:
         rng: randomness for backoff jitter (seed it for determinism).
         sleep: the sleep used between attempts (injected by tests).
         metadata: extra request metadata (for example an ``authorization`` header).
+
+    Raises:
+        ValueError: ``id`` is out of range, or a topic name is not allowed.
     """
 
     def __init__(
@@ -89,6 +94,9 @@ class ResilientClient:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
+        if not 0 <= id <= _MAX_ID:
+            # protobuf would silently keep the low 32 bits: 2**32 + 5 would subscribe as 5
+            raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {_MAX_ID}")
         self.id = id
         self.settings = settings if settings is not None else Settings()
         self.topics = list(self.settings.topics if topics is None else topics)
@@ -115,7 +123,7 @@ class ResilientClient:
         self._metadata = dict(metadata or {})
         if self.settings.auth.token is not None:
             self._metadata.setdefault("authorization", f"Bearer {self.settings.auth.token}")
-        self._channel: Channel | None = None
+        self._channel: ResilientChannel | None = None
         self._iterator: AsyncGenerator[Response, None] | None = None
         self._closed = False
         self._stop = asyncio.Event()
@@ -146,14 +154,14 @@ class ResilientClient:
             id=self.id,
             resume_token=self._token,
             topics=self.topics,
-            heartbeat_ms=round(self.heartbeat * 1000),
+            heartbeat_ms=_milliseconds(self.heartbeat),
             accept_control=True,
         )
 
-    def _get_channel(self) -> Channel:
+    def _get_channel(self) -> ResilientChannel:
         if self._channel is None:
             host, port = parse_address(self.settings.address)
-            self._channel = Channel(
+            self._channel = ResilientChannel(
                 host,
                 port,
                 ssl=client_context(self.settings.tls),
@@ -203,7 +211,8 @@ class ResilientClient:
                 async with contextlib.aclosing(self._stream_once()) as stream:
                     async for response in stream:
                         yield response
-                log.info("Client ID %d: the server ended the subscription", self.id)
+                if not self._closed:
+                    log.info("Client ID %d: the server ended the subscription", self.id)
                 return
             except GRPCError as exc:
                 if exc.status not in RETRYABLE_STATUSES:
@@ -253,13 +262,15 @@ class ResilientClient:
                 if NO_RETRY_HEADER in (stream.trailing_metadata or {}):
                     raise SubscriptionClosed(exc.status.name, exc.message) from exc
                 raise
+            if self._closed:  # aclose() while the server answered: the channel is closed
+                return
             silence = self._silence(stream.initial_metadata)
             self._set_connected(True)
             try:
                 while True:
                     async with asyncio.timeout(silence):
                         response = await stream.recv_message()
-                    if response is None:
+                    if response is None or self._closed:  # nothing after aclose() returned
                         return
                     self._progress = True
                     if self._accept(response):
@@ -351,12 +362,13 @@ class ResilientClient:
     async def aclose(self) -> None:
         """Stop receiving and close the connection. Idempotent.
 
-        Safe to call from another task than the one iterating: that iteration then ends.
+        Safe to call from another task than the one iterating, even while it is still
+        connecting: that iteration then ends, and yields no message once this returned.
         """
         self._closed = True
         self._stop.set()
         iterator, self._iterator = self._iterator, None
-        self._drop_channel()  # ends a stream being read in another task
+        self._drop_channel()  # ends a stream being read in another task, or its connect
         if iterator is not None and not self._reading:
             await iterator.aclose()
 
@@ -370,6 +382,11 @@ class ResilientClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _milliseconds(period: float) -> int:
+    """``period`` seconds in whole milliseconds; never 0 for a period > 0 (0 asks for none)."""
+    return max(round(period * 1000), 1) if period > 0 else 0
 
 
 def _describe(error: BaseException) -> str:

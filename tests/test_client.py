@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 from collections.abc import AsyncIterator
 
@@ -260,3 +261,10 @@ async def test_aclose_while_retrying_returns_promptly(
     assert client.disconnected.is_set()
     with pytest.raises(RuntimeError, match="closed"):
         aiter(client)
+
+
+@pytest.mark.parametrize("id", [-1, 2**31, 2**32 + 5])
+def test_id_outside_int32_is_refused(id: int) -> None:
+    # the wire carries an int32: 2**32 + 5 would silently subscribe as 5
+    with pytest.raises(ValueError, match=f"{re.escape(str(id))}.*0 to 2147483647"):
+        ResilientClient(id)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 import socket
 import struct
+from pathlib import Path
 
 import pytest
+import trustme
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
@@ -25,9 +28,11 @@ from longlived import (
     Settings,
     SubscriptionClosed,
     SubscriptionManager,
+    TlsSettings,
 )
 from longlived.hub import EndReason
-from tests.helpers import channel_for, receive, subscription
+from tests.helpers import channel_for, receive, running, subscription
+from tests.proxy import proxy_to
 
 TIMEOUT = 10
 
@@ -100,12 +105,16 @@ async def test_odd_digit_token_is_malformed_not_a_crash(
         channel.close()
 
 
+@pytest.mark.parametrize("interval", [0.02, 0.0004], ids=["20ms", "under-1ms"])
 async def test_granted_heartbeat_period_is_respected(
-    listener: socket.socket, quiet: Settings
+    listener: socket.socket, quiet: Settings, interval: float
 ) -> None:
-    """The client asks for 20 ms, the server grants 200 ms: no false 'dead stream'."""
+    """The client asks for 20 ms, the server grants 200 ms: no false 'dead stream'.
+
+    Under a millisecond must not round to 0 ms, which asks for no heartbeats at all.
+    """
     slow_beats = quiet.model_copy(
-        update={"heartbeat": HeartbeatSettings(interval=0.02, misses=3, min_interval=0.2)}
+        update={"heartbeat": HeartbeatSettings(interval=interval, misses=3, min_interval=0.2)}
     )
     server = SubscriptionManager(slow_beats)
     await server.start(sock=listener)
@@ -167,6 +176,50 @@ async def test_aclose_from_another_task_ends_the_iteration(
     assert received == []
 
 
+def throwaway_tls(directory: Path) -> tuple[TlsSettings, TlsSettings]:
+    """TLS settings for a server on 127.0.0.1 and for a client trusting it (a test CA)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_path, cert_path, key_path = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_path))
+    for blob in cert.cert_chain_pems:
+        blob.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    return TlsSettings(cert=cert_path, key=key_path), TlsSettings(ca=ca_path)
+
+
+async def test_aclose_while_connecting_stops_the_client(
+    listener: socket.socket, quiet: Settings, tmp_path: Path
+) -> None:
+    """aclose() while the TLS handshake is under way: no stream opens once it completes."""
+    server_tls, client_tls = throwaway_tls(tmp_path)
+    async with (
+        running(quiet.model_copy(update={"tls": server_tls}), listener) as server,
+        proxy_to((quiet.host, quiet.port)) as (proxy, port),
+    ):
+        start = server.publish("before")
+        server.publish("missed while connecting")  # replayed at once to a stream that opens
+        through = quiet.model_copy(update={"address": f"127.0.0.1:{port}", "tls": client_tls})
+        client = ResilientClient(1, settings=through, resume_token=start.token)
+        received: list[str] = []
+
+        async def read() -> None:
+            async for response in client:
+                received.append(response.data)
+                break  # one message after aclose() is the failure: no need to wait for more
+
+        proxy.hold()
+        async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as tasks:
+            reader = tasks.create_task(read())
+            await proxy.until(accepted=1)  # the client's TLS hello waits in the proxy
+            await client.aclose()
+            proxy.release()  # a handshake that completes now must not be used
+            await reader
+        assert received == []
+        assert not client.connected.is_set()
+        gc.collect()  # a connection left open warns (ResourceWarning) when collected
+
+
 class EpochHopper(SubscriptionManager):
     """A server that forgets its history before every subscription (many replicas, no log)."""
 
@@ -197,6 +250,26 @@ async def test_repeated_resets_back_off(listener: socket.socket, quiet: Settings
     finally:
         await client.aclose()
         await server.close()
+
+
+async def test_connection_closed_by_keepalive_is_replaced_not_reused(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """Keepalive closes the connection while the app handles a RESET; asyncio reports the
+    loss only later. Iterating again connects afresh instead of crashing."""
+    client = ResilientClient(1, settings=quiet, resume_token="gone:1")
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ResumeExpired):
+                await anext(aiter(client))
+            server.publish("after the reset")
+            assert client._channel is not None
+            protocol = await client._channel.__connect__()  # the connection it keeps
+            protocol.connection.close()  # what grpclib does when a keepalive ping times out
+            assert (await anext(aiter(client))).data == "after the reset"
+        assert client.connections == 2
+    finally:
+        await client.aclose()
 
 
 async def raw_request(channel: Channel, payload: bytes) -> GRPCError:
