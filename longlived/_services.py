@@ -14,7 +14,7 @@ from grpclib.reflection.v1 import reflection_pb2
 from longlived._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 if TYPE_CHECKING:
-    from grpclib._typing import IServable
+    from longlived._transport import Servable
 
 __all__ = ["health_service", "with_reflection"]
 
@@ -30,7 +30,7 @@ class _Named:
 
 
 def health_service(
-    service: IServable, status: ServiceStatus, *, aliases: tuple[str, ...] = ()
+    service: Servable, status: ServiceStatus, *, aliases: tuple[str, ...] = ()
 ) -> Health:
     """grpc.health.v1 reporting ``status`` for ``service``, its ``aliases`` (other names it
     answers under) and the server as a whole."""
@@ -51,6 +51,6 @@ def _pool() -> DescriptorPool:
     return pool
 
 
-def with_reflection(services: list[IServable]) -> list[IServable]:
+def with_reflection(services: list[Servable]) -> list[Servable]:
     """``services`` plus server reflection (v1 and v1alpha) describing all of them."""
     return ServerReflection.extend(services, pool=_pool())

@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import betterproto2
 import grpclib.const
@@ -52,8 +52,6 @@ from longlived._status import CallError, Code
 from longlived._wire import NO_RETRY_HEADER, PACKAGES, decode_request, too_large
 
 if TYPE_CHECKING:
-    from grpclib._typing import IServable
-
     from longlived.settings import KeepaliveSettings
 
 __all__ = [
@@ -62,6 +60,7 @@ __all__ = [
     "GrpcServer",
     "PassThroughCodec",
     "ResilientChannel",
+    "Servable",
     "StreamCall",
     "grpc_config",
     "guarded",
@@ -83,6 +82,12 @@ _HEADER_LIST_HARD_LIMIT = 1 << 20
 skipped); below it, ``ConnectionLimits.max_metadata_size`` fails just the one stream."""
 
 _PREFIX = struct.Struct(">?I").pack
+
+
+class Servable(Protocol):
+    """A gRPC service as grpclib serves it: a mapping of paths to handlers."""
+
+    def __mapping__(self) -> Mapping[str, grpclib.const.Handler]: ...
 
 
 def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
@@ -617,7 +622,7 @@ class _Guarded:
     """Another service (health, reflection) behind the same door: authentication unless
     the method is public, and its first request message within the admission timeout."""
 
-    def __init__(self, service: IServable, host: CallHost, public: Collection[str]) -> None:
+    def __init__(self, service: Servable, host: CallHost, public: Collection[str]) -> None:
         self._service = service
         self._host = host
         self._public = frozenset(public)
@@ -668,8 +673,8 @@ class _Guarded:
 
 
 def guarded(
-    services: Iterable[IServable], host: CallHost, *, public: Collection[str]
-) -> list[IServable]:
+    services: Iterable[Servable], host: CallHost, *, public: Collection[str]
+) -> list[Servable]:
     """``services`` behind ``host``'s authentication and admission timeout."""
     return [_Guarded(service, host, public) for service in services]
 
@@ -682,7 +687,7 @@ class GrpcServer(grpclib.server.Server):
 
     def __init__(
         self,
-        handlers: Collection[IServable],
+        handlers: Collection[Servable],
         *,
         limits: ConnectionLimits,
         max_message_size: int = 65_536,

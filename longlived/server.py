@@ -47,7 +47,7 @@ from longlived.tls import server_context
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
-    from grpclib._typing import IServable
+    from longlived._transport import Servable
 
 __all__ = ["PACKAGES", "SubscriptionManager"]
 
@@ -220,7 +220,7 @@ class SubscriptionManager(LonglivedBase):
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return longlived_mapping(self)
 
-    def services(self) -> list[IServable]:
+    def services(self) -> list[Servable]:
         """The gRPC services this server runs: itself, plus health and reflection.
 
         Health and reflection sit behind the same authentication as ``Longlived`` (except
@@ -231,7 +231,7 @@ class SubscriptionManager(LonglivedBase):
         # an app that never serves them can use grpcio's clients beside longlived
         from longlived._services import health_service, with_reflection
 
-        services: list[IServable] = [self]
+        services: list[Servable] = [self]
         if self.settings.health:
             services.append(
                 health_service(

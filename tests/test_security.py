@@ -362,6 +362,33 @@ async def test_another_caller_cannot_take_over_a_subscription(
         assert server.rejected == collections.Counter({"PERMISSION_DENIED": 1})
 
 
+async def test_a_finished_stream_does_not_hand_its_events_to_another_caller(
+    listener: socket.socket, auth_settings: Settings
+) -> None:
+    """Bob resuming Alice's id from seq 0 after her stream ended used to get her secret."""
+    async with running(auth_settings, listener) as server:
+        async with ResilientClient(7, settings=with_token(auth_settings, "tok-a")) as alice:
+            messages = aiter(alice)
+            await data_until(messages, "data mock for: 7")
+            secret = server.send(7, "alice's secret")
+            await data_until(messages, "alice's secret")
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: not server.subscribers)
+        bob = ResilientClient(
+            7, settings=with_token(auth_settings, "tok-b"), resume_token=f"{secret.epoch}:0"
+        )
+        async with bob:
+            with pytest.raises(SubscriptionClosed) as info:
+                async with asyncio.timeout(TIMEOUT):
+                    async for response in bob:
+                        assert response.data != "alice's secret"
+        assert (info.value.status, info.value.detail) == (
+            "PERMISSION_DENIED",
+            "bob may not take over the subscription 7",
+        )
+        assert bob.delivered == 0
+
+
 class AllowListManager(SubscriptionManager):
     """Callers may subscribe only as the ids on their allow-list."""
 

@@ -1,0 +1,232 @@
+"""Every grpclib 0.4 and h2 assumption ``longlived._transport`` makes, pinned.
+
+The transport is the one module that reaches into grpclib's and h2's internals. Each test
+here states one thing it relies on, so an upgrade that changes it fails here first, with
+a name that says what broke, rather than as a hang somewhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import grpclib
+import grpclib.client
+import grpclib.events
+import grpclib.server
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+from grpclib.config import Configuration
+from grpclib.protocol import Buffer, Connection, EventsProcessor, H2Protocol
+
+from longlived._transport import _Bucket, _Connection
+
+
+def test_grpclib_is_0_4() -> None:
+    assert grpclib.__version__.startswith("0.4."), grpclib.__version__
+
+
+def test_keepalive_lives_in_private_configuration_fields() -> None:
+    fields: dict[str, Any] = {
+        "_keepalive_time": 30.0,
+        "_keepalive_timeout": 10.0,
+        "_keepalive_permit_without_calls": True,
+        "_http2_max_pings_without_data": 0,
+        "_http2_min_sent_ping_interval_without_data": 30.0,
+    }
+    base = Configuration(**fields)
+    for config in (base.__for_server__(), base.__for_client__()):
+        assert {name: getattr(config, name) for name in fields} == fields
+
+
+async def test_server_protocol_factory_ingredients() -> None:
+    """``GrpcServer._protocol_factory`` rebuilds grpclib's from these parts."""
+    server = grpclib.server.Server([])
+    for name in ("_mapping", "_codec", "_status_details_codec", "_handlers", "_config"):
+        assert hasattr(server, name), name
+    assert isinstance(server.__dispatch__, grpclib.events._DispatchServerEvents)
+    assert callable(server.__gc_step__)
+    assert isinstance(server._h2_config, h2.config.H2Configuration)
+    assert server._server is None  # the asyncio server, once started
+    handler = grpclib.server.Handler(
+        server._mapping, server._codec, server._status_details_codec, server.__dispatch__
+    )
+    assert list(inspect.signature(handler.accept).parameters) == [
+        "stream",
+        "headers",
+        "release_stream",
+    ]
+    assert list(inspect.signature(handler.cancel).parameters) == ["stream"]
+    assert handler.closing is False
+    assert list(inspect.signature(H2Protocol).parameters) == ["handler", "config", "h2_config"]
+
+
+def test_a_peer_reset_reaches_the_handlers_cancel() -> None:
+    """Rapid-reset accounting counts ``Handler.cancel``, which grpclib calls on RST_STREAM."""
+    source = inspect.getsource(EventsProcessor.process_stream_reset)
+    assert "self.handler.cancel(stream)" in source
+
+
+def test_dispatch_is_a_no_op_in_the_instance_dict_until_someone_listens() -> None:
+    """``StreamCall`` decodes messages for ``SendMessage`` only when this says someone listens."""
+    dispatch = grpclib.events._DispatchServerEvents()
+    assert "send_message" in dispatch.__dict__
+    assert "recv_message" in dispatch.__dict__
+
+    async def callback(event: grpclib.events.SendMessage) -> None:
+        pass
+
+    dispatch.add_listener(grpclib.events.SendMessage, callback)  # type: ignore[arg-type]  # grpclib's callback type
+    assert "send_message" not in dispatch.__dict__
+    assert "recv_message" in dispatch.__dict__
+
+
+async def test_a_request_buffer_asserts_when_the_stream_ends_short_and_marks_eof() -> None:
+    buffer = Buffer(lambda size: None)
+    buffer.add(b"abc", 3)
+    buffer.eof()
+    assert buffer._eof  # read by the pending-streams bound
+    with pytest.raises(AssertionError):
+        await buffer.read(5)
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_connection_close_deletes_the_transport_and_ours_survives_it() -> None:
+    """grpclib's ``Connection.close()`` deletes ``_transport``: a flush or abort after it
+    must not raise (grpclib's own would, with ``AttributeError``)."""
+    h2_conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    transport = _Transport()
+    conn = Connection(h2_conn, transport, config=Configuration().__for_server__())
+    conn.__class__ = _Connection
+    conn.close()
+    assert not hasattr(conn, "_transport")
+    assert conn.is_closing()
+    assert isinstance(conn, _Connection)
+    conn.flush()
+    conn.abort()
+    assert conn.buffered() == 0
+
+
+def test_protocol_stream_attributes_the_writer_uses() -> None:
+    h2_conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn = Connection(h2_conn, _Transport(), config=Configuration().__for_server__())
+    stream = conn.create_stream(stream_id=1)
+    assert stream.id == 1
+    assert isinstance(stream.window_updated, asyncio.Event)
+    assert isinstance(stream.buffer, Buffer)
+    assert stream._h2_connection is h2_conn
+    assert stream._transport is conn._transport
+    assert stream.data_sent == 0
+    assert isinstance(conn.write_ready, asyncio.Event)
+
+
+def test_server_stream_state_flags() -> None:
+    for name in ("_send_initial_metadata_done", "_send_trailing_metadata_done", "_cancel_done"):
+        assert getattr(grpclib.server.Stream, name) is False, name
+    assert inspect.iscoroutinefunction(grpclib.server.Stream.recv_message)
+
+
+def _pair(*, stream_window: int, connection_window: int) -> tuple[Any, Any, int]:
+    """An h2 client and server that exchanged SETTINGS, and one open stream."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
+    if connection_window > 65_535:
+        client.increment_flow_control_window(connection_window - 65_535)
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")])  # fmt: skip
+    server.receive_data(client.data_to_send())
+    return client, server, 1
+
+
+def test_h2_window_is_the_smaller_of_stream_and_connection() -> None:
+    """A peer may grant a large stream window and keep the 64 KiB connection window."""
+    _, server, stream_id = _pair(stream_window=1 << 20, connection_window=65_535)
+    assert server.local_flow_control_window(stream_id) == 65_535
+    _, server, stream_id = _pair(stream_window=1000, connection_window=1 << 20)
+    assert server.local_flow_control_window(stream_id) == 1000
+
+
+def test_h2_send_data_takes_memoryview_slices_and_frame_sized_pieces() -> None:
+    _, server, stream_id = _pair(stream_window=1 << 20, connection_window=1 << 20)
+    server.send_headers(stream_id, [(":status", "200")])
+    data = memoryview(bytes(40_000))
+    step = server.max_outbound_frame_size
+    for start in range(0, len(data), step):
+        server.send_data(stream_id, data[start : start + step])
+    assert server.local_flow_control_window(stream_id) == (1 << 20) - 40_000
+
+
+def test_h2_local_settings_can_be_raised_before_the_peer_acknowledges() -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    code = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+    conn.update_settings({code: 1024})
+    assert conn.local_settings.max_concurrent_streams == 100  # h2 waits for the ACK
+    conn.local_settings._settings[code][0] = 1024
+    assert conn.local_settings.max_concurrent_streams == 1024
+    conn.decoder.max_header_list_size = 1 << 20
+    assert conn.decoder.max_header_list_size == 1 << 20
+
+
+def test_h2_goaway_carries_an_error_code_and_reason() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, b"too many stream resets")
+    events = client.receive_data(server.data_to_send())
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway[0].additional_data == b"too many stream resets"
+
+
+async def test_channel_internals_the_resilient_channel_uses() -> None:
+    channel = grpclib.client.Channel("127.0.0.1", 1)
+    try:
+        assert channel._protocol is None
+        assert channel._connected is False
+        assert inspect.iscoroutinefunction(channel.__connect__)
+    finally:
+        channel.close()
+
+
+def test_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
+    now = [0.0]
+    bucket = _Bucket(rate=10, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.1  # one token's worth
+    assert [bucket.take(), bucket.take()] == [True, False]
+    now[0] += 100
+    assert sum(bucket.take() for _ in range(10)) == 3  # never more than the burst
