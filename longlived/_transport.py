@@ -21,6 +21,7 @@ Everything grpclib 0.4 does not offer as public API lives here, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from longlived.settings import KeepaliveSettings
 
 __all__ = [
+    "WHOLE_WAIT",
     "WRITE_CAP",
     "ConnectionLimits",
     "GrpcServer",
@@ -73,6 +75,9 @@ M = TypeVar("M", bound=betterproto2.Message)
 
 WRITE_CAP = 65_536
 """Bytes one stream hands the socket per write; readiness is checked before each write."""
+
+WHOLE_WAIT = 1.0
+"""Seconds a message waits for the window to take it whole before it goes out in pieces."""
 
 _HIGH_WATER = 65_536
 """Connection write buffer at which writers pause (asyncio's default, set explicitly)."""
@@ -401,7 +406,7 @@ class StreamCall:
     bytes only when someone listens), so middleware built on them sees these calls too.
     """
 
-    __slots__ = ("_conn", "_dispatch", "_h2", "_peak", "_proto", "_stream")
+    __slots__ = ("_conn", "_dispatch", "_h2", "_initial", "_peak", "_proto", "_stream")
 
     def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         self._stream = stream
@@ -410,6 +415,7 @@ class StreamCall:
         self._h2 = self._proto._h2_connection
         self._dispatch = stream._dispatch
         self._peak = 0  # the largest window seen: what a peer that reads will open again
+        self._initial = self._h2.remote_settings.initial_window_size
 
     @property
     def peer(self) -> str:
@@ -477,6 +483,9 @@ class StreamCall:
         while await self._ready(abort):
             window = int(h2_conn.local_flow_control_window(proto.id))
             if window > 0:
+                initial = h2_conn.remote_settings.initial_window_size
+                if initial != self._initial:  # the peer resized its windows: forget the peak
+                    self._initial, self._peak = initial, window
                 self._peak = max(self._peak, window)
                 return window
             proto.window_updated.clear()
@@ -491,22 +500,32 @@ class StreamCall:
         is behind catches up with few writes, and one that is current pays one write.
 
         A message is started once the window takes it whole, so an abort rarely leaves one
-        half-written (the stream would have to be reset rather than told its status); one
-        larger than any window this peer has opened goes out as soon as the window is
-        positive, in pieces, as grpclib's own writer does.
+        half-written (the stream would have to be reset rather than told its status). One
+        larger than any window this peer has opened, or still not fitting after
+        ``WHOLE_WAIT`` seconds (a window that shrank for good, or that streams sharing the
+        connection hold), goes out as soon as the window is positive, in pieces, as
+        grpclib's own writer does: a stream never waits for room that will not come.
         """
         if self._listening("send_message"):
             messages = await self._dispatch_sends(messages)
         written, count = 0, len(messages)
+        waiting_since: float | None = None
         while written < count:
             window = await self._room(abort)
             if not window:
                 return written
             need = len(messages[written]) + 5
-            if window < need <= self._peak:  # the window reopens to take it whole: wait
-                self._proto.window_updated.clear()
-                await wait_first(self._proto.window_updated, abort)
-                continue
+            if window < need <= self._peak:  # the window should reopen to take it whole
+                loop = asyncio.get_running_loop()
+                if waiting_since is None:
+                    waiting_since = loop.time()
+                if loop.time() < waiting_since + WHOLE_WAIT:
+                    self._proto.window_updated.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(waiting_since + WHOLE_WAIT):
+                            await wait_first(self._proto.window_updated, abort)
+                    continue
+            waiting_since = None
             cap = min(window, WRITE_CAP)
             if need > cap:  # larger than the window (or the cap): in pieces
                 if not await self._write_large(messages[written], abort):

@@ -90,6 +90,26 @@ async def test_an_event_larger_than_the_connection_window_is_delivered(
         channel.close()
 
 
+async def test_a_stream_is_not_stuck_behind_a_sibling_holding_the_connection_window(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """A stream that waits for its message to fit whole must not wait for ever: here a
+    sibling that does not read holds most of the shared connection window."""
+    config = Configuration(http2_connection_window_size=131_072, http2_stream_window_size=1 << 20)
+    channel = Channel(quiet.host, quiet.port, config=config)
+    try:
+        async with subscription(channel, 1) as reader, subscription(channel, 2):
+            server.send(1, "first")  # the reader sees the whole connection window open
+            assert await receive(reader, 1, timeout=TIMEOUT) == ["first"]
+            server.send(2, "h" * 100_000)  # id 2 never reads: it holds 100 KB of the window
+            for n in range(3):
+                server.send(1, f"{n}:" + "r" * 60_000)  # never fits whole in what is left
+            got = await receive(reader, 3, timeout=TIMEOUT)
+            assert got == [f"{n}:" + "r" * 60_000 for n in range(3)]
+    finally:
+        channel.close()
+
+
 # ------------------------------------------------------------ item 5: unadmitted streams
 
 
