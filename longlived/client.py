@@ -29,7 +29,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived._transport import ResilientChannel, grpc_config
-from longlived._wire import HEARTBEAT_HEADER, NO_RETRY_HEADER, check_topics
+from longlived._wire import HEARTBEAT_HEADER, MAX_ID, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.events import Position
@@ -45,8 +45,6 @@ RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
 """Statuses after which the client subscribes again instead of giving up."""
 
 _RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError)
-_MAX_ID = 2**31 - 1
-"""The largest id an int32 holds."""
 
 
 class ResilientClient:
@@ -94,9 +92,9 @@ class ResilientClient:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        if not 0 <= id <= _MAX_ID:
+        if not 0 <= id <= MAX_ID:
             # protobuf would silently keep the low 32 bits: 2**32 + 5 would subscribe as 5
-            raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {_MAX_ID}")
+            raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {MAX_ID}")
         self.id = id
         self.settings = settings if settings is not None else Settings()
         self.topics = list(self.settings.topics if topics is None else topics)
