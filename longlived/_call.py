@@ -140,12 +140,23 @@ def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
         raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not {action} {id}")
 
 
-class SubscribeCall:
-    """One ``Subscribe``: admission, registration, the write loop and the final status."""
+class _Call:
+    """What every call has: its server, its peer, and the way it refuses."""
 
     def __init__(self, host: CallHost, transport: CallTransport) -> None:
         self.host = host
         self.transport = transport
+
+    async def _refuse(self, exc: CallError) -> None:
+        """Count, log and answer a refusal."""
+        self.host.refused(exc.code, exc.message, self.transport.peer)
+        await self.transport.finish(
+            exc.code, exc.message, final=exc.final, timeout=self.host.settings.drain_timeout
+        )
+
+
+class SubscribeCall(_Call):
+    """One ``Subscribe``: admission, registration, the write loop and the final status."""
 
     async def run(self) -> None:
         """Serve the call to its end; it never raises ``CallError``."""
@@ -154,10 +165,7 @@ class SubscribeCall:
             request, caller = await admit(host, transport)
             self._authorize(request, caller)
         except CallError as exc:
-            host.refused(exc.code, exc.message, transport.peer)
-            await transport.finish(
-                exc.code, exc.message, final=exc.final, timeout=host.settings.drain_timeout
-            )
+            await self._refuse(exc)
             return
         transport.admitted()
         log.info("Received subscribe request from ID: %d", request.id)
@@ -231,12 +239,8 @@ class SubscribeCall:
         )
 
 
-class UnsubscribeCall:
+class UnsubscribeCall(_Call):
     """One ``Unsubscribe``: admission, authorization, ending the stream, the answer."""
-
-    def __init__(self, host: CallHost, transport: CallTransport) -> None:
-        self.host = host
-        self.transport = transport
 
     async def run(self) -> None:
         """Serve the call to its end; it never raises ``CallError``."""
@@ -248,8 +252,7 @@ class UnsubscribeCall:
             if sub is not None:
                 check_owner(host, caller, request.id, "unsubscribe")
         except CallError as exc:
-            host.refused(exc.code, exc.message, transport.peer)
-            await transport.finish(exc.code, exc.message, final=exc.final, timeout=timeout)
+            await self._refuse(exc)
             return
         if sub is None:  # an answer, not a refusal
             await transport.finish(

@@ -72,6 +72,21 @@ async def refusal(channel: Channel, request: Request | None, **metadata: str) ->
     return info.value
 
 
+async def lone_status(settings: Settings, body: bytes | None = None) -> tuple[int, str]:
+    """The status of a Subscribe that sends its headers, then ``body`` (without ending the
+    stream) or nothing at all; on a raw connection of its own."""
+    peer = await H2Peer.connect(settings)
+    try:
+        stream_id = peer.open(request_headers())
+        if body is not None:
+            peer.h2.send_data(stream_id, body)  # no END_STREAM
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            return await peer.status(stream_id)
+    finally:
+        peer.close()
+
+
 # ------------------------------------------------------------------ item 1: one large event
 
 
@@ -124,31 +139,16 @@ async def test_a_call_that_never_sends_its_request_is_refused(
     listener: socket.socket, strict: Settings
 ) -> None:
     async with running(strict, listener) as server, canary(strict) as bird:
-        peer = await H2Peer.connect(strict)
-        try:
-            stream_id = peer.open(request_headers())  # headers, and nothing more
-            await peer.flush()
-            async with asyncio.timeout(TIMEOUT):
-                status = await peer.status(stream_id)
-            assert status == (4, "no complete request within 0.3s of the call")  # DEADLINE_EXCEEDED
-        finally:
-            peer.close()
+        status = await lone_status(strict)  # headers, and nothing more
+        assert status == (4, "no complete request within 0.3s of the call")  # DEADLINE_EXCEEDED
         await numbered(server, bird, 3)
         assert server.rejected == {"DEADLINE_EXCEEDED": 1}
 
 
 async def test_a_partial_request_body_is_refused(listener: socket.socket, strict: Settings) -> None:
     async with running(strict, listener) as server:
-        peer = await H2Peer.connect(strict)
-        try:
-            stream_id = peer.open(request_headers())
-            peer.h2.send_data(stream_id, grpc_body(Request(id=1))[:4])  # no END_STREAM
-            await peer.flush()
-            async with asyncio.timeout(TIMEOUT):
-                status = await peer.status(stream_id)
-            assert status == (4, "no complete request within 0.3s of the call")
-        finally:
-            peer.close()
+        status = await lone_status(strict, grpc_body(Request(id=1))[:4])
+        assert status == (4, "no complete request within 0.3s of the call")
         assert server.subscribers == []
 
 
@@ -204,15 +204,8 @@ async def test_strangers_are_refused_before_their_request_arrives(
     listener: socket.socket, authed: Settings
 ) -> None:
     async with running(authed, listener) as server:
-        peer = await H2Peer.connect(authed)
-        try:
-            stream_id = peer.open(request_headers())  # the body never comes: no need to wait
-            await peer.flush()
-            async with asyncio.timeout(TIMEOUT):
-                status = await peer.status(stream_id)
-            assert status == (16, "missing or invalid bearer token")  # UNAUTHENTICATED
-        finally:
-            peer.close()
+        status = await lone_status(authed)  # the body never comes: no need to wait for it
+        assert status == (16, "missing or invalid bearer token")  # UNAUTHENTICATED
         assert server.rejected == {"UNAUTHENTICATED": 1}
 
 
