@@ -72,8 +72,9 @@ class CallTransport(Protocol):
         """Write ``messages`` in order; how many were written (fewer only if aborted)."""
         ...
 
-    async def reply(self, message: bytes) -> None:
-        """Send the single response message of a unary call."""
+    async def reply(self, message: bytes, *, timeout: float) -> None:
+        """Send the single response message of a unary call; drop the peer if it cannot
+        take it within ``timeout``."""
 
     async def finish(
         self, code: Code, message: str | None, *, final: bool = False, timeout: float
@@ -182,9 +183,12 @@ class SubscribeCall(_Call):
             if sub.end_reason is None:
                 log.info("Client ID %d disconnected", sub.id)
             raise
-        except Exception as exc:
+        except Exception as exc:  # logged here, answered here: not raised to be logged again
             log.warning("Failed to send data to client %d: %r", sub.id, exc)
-            raise
+            host.hub.release(sub)  # before the status, which may take a while to go out
+            await transport.finish(
+                Code.UNKNOWN, "internal error", timeout=host.settings.drain_timeout
+            )
         finally:
             host.hub.release(sub)
 
@@ -263,5 +267,5 @@ class UnsubscribeCall(_Call):
         # what is queued is still delivered, but not to a peer that stopped reading
         host.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED, flush_timeout=timeout)
         log.info("Unsubscribed client: %d", request.id)
-        await transport.reply(bytes(Response()))
+        await transport.reply(bytes(Response()), timeout=timeout)
         await transport.finish(Code.OK, None, timeout=timeout)

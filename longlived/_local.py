@@ -66,7 +66,7 @@ class LocalTransport:
             return max(written, 0)
         return len(messages)
 
-    async def reply(self, message: bytes) -> None:
+    async def reply(self, message: bytes, *, timeout: float) -> None:
         self._pending.append(message)
         self._arrived.set()
 
@@ -75,6 +75,12 @@ class LocalTransport:
     ) -> None:
         self.status, self.detail = code, message
         self._arrived.set()
+
+    def call_done(self, call: asyncio.Task[None]) -> None:
+        """The call's task ended: if it ended without a status (it raised), wake the reader."""
+        if self.status is None:
+            self.status, self.detail = Code.UNKNOWN, "the call failed"
+            self._arrived.set()
 
     async def responses(self) -> AsyncIterator[Response]:
         """Every message written, in order, until the call finishes."""

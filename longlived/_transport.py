@@ -95,12 +95,28 @@ class Servable(Protocol):
     def __mapping__(self) -> Mapping[str, grpclib.const.Handler]: ...
 
 
-def grpc_config(keepalive: KeepaliveSettings, *, server_name: str | None = None) -> Configuration:
+def grpc_config(
+    keepalive: KeepaliveSettings,
+    *,
+    server_name: str | None = None,
+    max_request: int | None = None,
+) -> Configuration:
     """grpclib ``Configuration`` with these keepalive settings (for servers and channels).
 
     ``server_name`` (clients) is the name the server's TLS certificate is checked against.
+    ``max_request`` (servers): the largest request message; the receive windows are sized
+    for it (a stream window that takes one whole request, 1 MiB per connection) instead of
+    grpclib's 4 MiB, so a peer can make the server hold at most that much unread.
     """
+    windows = {}
+    if max_request is not None:
+        stream = max(65_535, max_request + 5)
+        windows = {
+            "http2_stream_window_size": stream,
+            "http2_connection_window_size": max(1 << 20, stream),
+        }
     return Configuration(
+        **windows,
         ssl_target_name_override=server_name,
         _keepalive_time=keepalive.time,
         _keepalive_timeout=keepalive.timeout,
@@ -260,7 +276,10 @@ class _Handler(grpclib.server.Handler):
         self.limits = limits
         self.peer = _peer_name(protocol.connection.get_peer().addr())
         self._incomplete: set[H2Stream] = set()
+        # refused streams count like resets: neither may come faster than this
         self._resets = _Bucket(limits.resets_per_second, limits.reset_burst)
+        self._refusals = 0
+        self._refusal_logged = -1.0
 
     def accept(
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
@@ -298,15 +317,23 @@ class _Handler(grpclib.server.Handler):
         # the peer reset the stream (or broke the protocol on it)
         self._incomplete.discard(stream)
         super().cancel(stream)
-        if not self._resets.take():
-            log.warning("Closing the connection from %s: more than %d stream resets "
-                        "(%.0f/s sustained)", self.peer, self._resets.burst,
-                        self._resets.rate)  # fmt: skip
-            self.protocol.goaway(ErrorCodes.ENHANCE_YOUR_CALM, b"too many stream resets")
+        self._spend("stream resets")
+
+    def _spend(self, what: str) -> None:
+        """One more reset or refused stream; GOAWAY once the bucket is empty."""
+        if not self._resets.take() and not self.closing:
+            log.warning("Closing the connection from %s: more than %d %s (%.0f/s sustained)",
+                        self.peer, self._resets.burst, what, self._resets.rate)  # fmt: skip
+            self.protocol.goaway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}".encode())
 
     def _refuse(self, stream: H2Stream, release: Callable[[], Any], message: str) -> None:
         """Answer ``stream`` at once with RESOURCE_EXHAUSTED; no handler runs for it."""
-        log.warning("Refused a stream from %s: %s", self.peer, message)
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:  # one line a second per connection at most
+            self._refusal_logged = now
+            log.warning("Refused a stream from %s: %s (%d refused on this connection)",
+                        self.peer, message, self._refusals)  # fmt: skip
         assert stream.id is not None
         h2_conn = self.connection._connection
         h2_stream = h2_conn.streams.get(stream.id)
@@ -325,8 +352,12 @@ class _Handler(grpclib.server.Handler):
                 h2_conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
             self.connection.flush()
         release()
-        if self.connection.buffered() > 4 * _HIGH_WATER:  # refusals the peer does not read
-            self.connection.abort()
+        if self.connection.buffered() > _HIGH_WATER + WRITE_CAP:  # refusals it does not read
+            log.warning("Closing the connection from %s: it does not read its refusals",
+                        self.peer)  # fmt: skip
+            self.protocol.processor.close("not reading")  # nothing more of it is processed
+            return
+        self._spend("refused streams")
 
 
 class _Protocol(H2Protocol):
@@ -336,6 +367,7 @@ class _Protocol(H2Protocol):
     limits: ConnectionLimits
     registry: set[_Protocol]
     idle: asyncio.Event
+    reading_paused = False
 
     def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
@@ -365,6 +397,26 @@ class _Protocol(H2Protocol):
         self.connection.flush()
         self.registry.add(self)
         self.idle.clear()
+
+    @property
+    def conn(self) -> _Connection:
+        """The connection, as the class it was swapped to."""
+        return self.connection  # type: ignore[return-value]  # swapped in connection_made
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # h2 answers what the peer sends (PINGs, SETTINGS) whether or not the peer reads
+        # its socket: stop reading a peer whose answers pile up, until its buffer drains
+        # (a peer that never drains then misses keepalive and is dropped)
+        if self.conn.buffered() > _HIGH_WATER + WRITE_CAP and not self.reading_paused:
+            self.reading_paused = True
+            self.connection._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.reading_paused and not self.connection.is_closing():
+            self.reading_paused = False
+            self.connection._transport.resume_reading()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.registry.discard(self)
@@ -525,6 +577,7 @@ class StreamCall:
                         async with asyncio.timeout_at(waiting_since + WHOLE_WAIT):
                             await wait_first(self._proto.window_updated, abort)
                     continue
+                self._peak = window  # it did not reopen: do not wait on it for the next ones
             waiting_since = None
             cap = min(window, WRITE_CAP)
             if need > cap:  # larger than the window (or the cap): in pieces
@@ -591,8 +644,14 @@ class StreamCall:
         except TimeoutError:
             self._conn.abort()
 
-    async def reply(self, message: bytes) -> None:
-        await self._stream.send_message(message)
+    async def reply(self, message: bytes, *, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._stream.send_message(message)
+        except TimeoutError:
+            log.warning("Peer %s did not take its answer in %.1fs; closing its connection",
+                        self.peer, timeout)  # fmt: skip
+            self._conn.abort()
 
     async def finish(
         self, code: Code, message: str | None, *, final: bool = False, timeout: float
@@ -664,8 +723,13 @@ class _Guarded:
             call = StreamCall(stream)
             limit = host.settings.limits.admission_timeout
             if not public:
-                async with asyncio.timeout(limit):
-                    caller = await host.authenticate(call.metadata)
+                try:
+                    async with asyncio.timeout(limit):
+                        caller = await host.authenticate(call.metadata)
+                except TimeoutError:
+                    text = f"not authenticated within {limit:g}s of the call"
+                    host.refused(Code.DEADLINE_EXCEEDED, text, call.peer)
+                    raise GRPCError(Status.DEADLINE_EXCEEDED, text) from None
                 if caller is None:
                     message = "missing or invalid bearer token"
                     host.refused(Code.UNAUTHENTICATED, message, call.peer)
@@ -756,7 +820,7 @@ class GrpcServer(grpclib.server.Server):
 
     def buffered(self) -> int:
         """Bytes written to client connections and not yet taken by their sockets."""
-        return sum(proto.connection.buffered() for proto in self._protocols)  # type: ignore[attr-defined]
+        return sum(proto.conn.buffered() for proto in self._protocols)
 
     def idle_connections(self) -> set[_Protocol]:
         """Open connections that carry no stream right now."""

@@ -265,12 +265,12 @@ class Hub:
         message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic)
         event = Event(self._seq, topic, target, message)
         history = self._history
-        if history.maxlen:
-            if len(history) == history.maxlen:
-                self._evict(history[0])
-            if target is not None:
-                self._targeted[target] += 1
+        evicted = history[0] if history.maxlen and len(history) == history.maxlen else None
+        if history.maxlen and target is not None:
+            self._targeted[target] += 1  # before the eviction: it may be the same id's
         history.append(event)
+        if evicted is not None:
+            self._evict(evicted)
         return event
 
     def _evict(self, event: Event) -> None:

@@ -262,7 +262,7 @@ class SubscriptionManager(LonglivedBase):
                 reset_burst=settings.limits.reset_burst,
             ),
             max_message_size=settings.limits.max_message_size,
-            config=grpc_config(settings.keepalive),
+            config=grpc_config(settings.keepalive, max_request=settings.limits.max_message_size),
         )
         ssl = server_context(settings.tls)
         self.setup_server(server)
@@ -311,14 +311,21 @@ class SubscriptionManager(LonglivedBase):
             await self._closed.wait()
             return
         self._closing = True
+        metrics_closed: asyncio.Future[None] | None = None
         self.health.set(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         try:
+            if self._metrics is not None:
+                # its shutdown waits out a poll interval, in a thread: beside the drain
+                metrics_closed = asyncio.ensure_future(asyncio.to_thread(self._metrics.close))
             if self._source is not None:
                 self._source.cancel()
                 # wait() rather than await: a cancel aimed at close() itself must propagate
-                await asyncio.wait([self._source])
+                await asyncio.wait([self._source], timeout=max(deadline - loop.time(), 0.0))
+                if not self._source.done():
+                    log.warning("The event source did not stop within %.1fs",
+                                self.settings.drain_timeout)  # fmt: skip
             # connections without streams need no grace before GOAWAY
             idle = self._server.idle_connections() if self._server is not None else set()
             self.hub.end_all(EndReason.SHUTDOWN)
@@ -335,9 +342,8 @@ class SubscriptionManager(LonglivedBase):
         finally:
             if self._server is not None:
                 self._server.stop()  # idempotent; stops listening even if close() was cancelled
-            if self._metrics is not None:
-                # its shutdown waits out a poll interval: not on the event loop
-                await asyncio.to_thread(self._metrics.close)
+            if metrics_closed is not None:
+                await asyncio.wait([metrics_closed])
             self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -395,14 +401,17 @@ class SubscriptionManager(LonglivedBase):
         """
         transport = LocalTransport(message, metadata=metadata or {})
         call = asyncio.create_task(SubscribeCall(self, transport).run())
+        call.add_done_callback(transport.call_done)
         try:
             async for response in transport.responses():
                 yield response
-            await call
+            await call  # raises what the call raised (a failing hook, say)
             status = transport.status or Code.UNKNOWN  # set by every finished call
             if status is not Code.OK:
                 raise SubscriptionClosed(status.name, transport.detail)
         finally:
-            if not call.done():
-                call.cancel()
-                await asyncio.wait([call])
+            call.cancel()
+            await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is not None:
+                log.warning("In-process subscription %d failed: %r", message.id,
+                            call.exception())  # fmt: skip

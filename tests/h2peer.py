@@ -91,6 +91,20 @@ class H2Peer:
             self.events += self.h2.receive_data(data)
             self.writer.write(self.h2.data_to_send())  # settings acks, pings
 
+    async def read_data(self, stream_id: int, *, until: bytes) -> bytes:
+        """Read ``stream_id``'s DATA, granting window as it arrives, until ``until`` appears."""
+        received = bytearray()
+        while until not in received:
+            data = await self.reader.read(65_536)
+            if not data:
+                raise ConnectionResetError("the server closed the connection")
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                    received += event.data
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            self.writer.write(self.h2.data_to_send())
+        return bytes(received)
+
     async def status(self, stream_id: int) -> tuple[int, str]:
         """``grpc-status`` and ``grpc-message`` of ``stream_id`` (trailers-only or trailers)."""
         await self.read_until(h2.events.StreamEnded, stream_id=stream_id)

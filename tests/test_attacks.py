@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 from grpclib.client import Channel
 from grpclib.config import Configuration
@@ -23,6 +24,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from longlived import (
     AuthSettings,
+    KeepaliveSettings,
     LimitSettings,
     ReplaySettings,
     Request,
@@ -336,3 +338,109 @@ async def test_oversized_metadata_fails_its_stream_not_the_connection(
             assert await receive(stream, 1) == ["still here"]
     finally:
         channel.close()
+
+
+# ------------------------------------------------------------------ found in review
+
+
+async def test_a_peer_that_floods_pings_and_never_reads_is_dropped(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    """h2 answers every PING: a peer that never read used to grow the server's buffers
+    without bound, and an unsolicited PING ACK now and then kept keepalive quiet."""
+    settings = quiet.model_copy(
+        update={"keepalive": KeepaliveSettings(time=0.5, timeout=0.5, max_pings_without_data=0)}
+    )
+    ping = bytes.fromhex("000008060000000000") + bytes(8)
+    ack = bytes.fromhex("000008060100000000") + bytes(8)
+    async with running(settings, listener) as server:
+        peer = await H2Peer.connect(settings)
+        try:
+            with pytest.raises(ConnectionError):
+                async with asyncio.timeout(TIMEOUT):
+                    while True:  # ends when the server drops the connection
+                        peer.writer.write(ping * 5000 + ack)
+                        await peer.writer.drain()
+            assert server._server is not None
+            assert server._server.buffered() <= 2 * WRITE_CAP + 16_384
+        finally:
+            peer.close()
+
+
+async def test_an_unsubscribe_whose_answer_cannot_be_sent_does_not_hold_its_handler(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    """A peer granting no window used to park every Unsubscribe handler for ever."""
+    async with running(quiet, listener) as server:
+        peer = await H2Peer.connect(quiet)
+        try:
+            peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            for id in range(5):
+                peer.open(request_headers(), grpc_body(Request(id=id)))
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_for(lambda: len(server.subscribers) == 5)
+            for id in range(5):
+                peer.open(
+                    request_headers("/longlived.Longlived/Unsubscribe"), grpc_body(Request(id=id))
+                )
+            await peer.flush()
+            with pytest.raises(ConnectionError):  # dropped once drain_timeout has passed
+                async with asyncio.timeout(TIMEOUT):
+                    await peer.read_until(h2.events.ConnectionTerminated)
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_for(lambda: server.hub.open_streams == 0)
+        finally:
+            peer.close()
+
+
+async def test_refusals_count_like_resets(listener: socket.socket, quiet: Settings) -> None:
+    """Refused streams used to come at any rate, each with a WARNING line."""
+    settings = quiet.model_copy(
+        update={
+            "limits": LimitSettings(
+                admission_timeout=30, max_pending_streams=2, resets_per_second=10, reset_burst=50
+            )
+        }
+    )
+    async with running(settings, listener) as server:
+        peer = await H2Peer.connect(settings)
+        try:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(10):
+                    for _ in range(100):  # two parked, the rest refused
+                        peer.open(request_headers())
+                    await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                event = await peer.read_until(h2.events.ConnectionTerminated)
+            assert isinstance(event, h2.events.ConnectionTerminated)
+            assert event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert event.additional_data == b"too many refused streams"
+        finally:
+            peer.close()
+        async with canary(settings) as bird:
+            await numbered(server, bird, 3)
+
+
+async def test_a_peer_that_shrinks_its_windows_still_gets_a_large_event(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """A window peak from before the peer shrank INITIAL_WINDOW_SIZE used to wedge it."""
+    peer = await H2Peer.connect(quiet, window=1 << 20)
+    try:
+        stream_id = peer.open(request_headers(), grpc_body(Request(id=1)))
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: server.subscribers == [1])
+        server.send(1, "warm-up")
+        async with asyncio.timeout(TIMEOUT):
+            await peer.read_until(h2.events.DataReceived, stream_id=stream_id)
+        peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16_384})
+        await peer.flush()
+        server.send(1, "x" * 100_000)
+        server.send(1, "small")
+        async with asyncio.timeout(TIMEOUT):
+            received = await peer.read_data(stream_id, until=b"small")
+        assert b"x" * 100_000 in received
+    finally:
+        peer.close()

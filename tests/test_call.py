@@ -73,7 +73,7 @@ class FakeTransport:
         self.wrote.set()
         return len(messages)
 
-    async def reply(self, message: bytes) -> None:
+    async def reply(self, message: bytes, *, timeout: float) -> None:
         self.replies.append(Response.FromString(message))
 
     async def finish(
@@ -194,6 +194,26 @@ async def test_a_claim_ends_once_nothing_of_the_id_is_left() -> None:
     assert bob.status is None
 
 
+async def test_a_claim_survives_its_last_event_leaving_as_a_new_one_arrives() -> None:
+    """The event that pushes the id's last one out of the history is the id's own."""
+    server = host(auth=AuthSettings(tokens=TOKENS), replay=ReplaySettings(size=3))
+    alice = FakeTransport(Request(id=7), token="tok-a")
+    async with running_call(server, alice), asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda: 7 in server.subscribers)
+        first = server.send(7, "secret-1")
+        await alice.until_data(1)
+    server.publish("a")
+    server.publish("b")
+    server.send(7, "secret-2")  # evicts secret-1
+    assert server.hub.owner(7) == "alice"
+    bob = FakeTransport(Request(id=7, resume_token=f"{first.epoch}:0"), token="tok-b")
+    async with asyncio.timeout(TIMEOUT):
+        await SubscribeCall(server, bob).run()
+    assert bob.status is not None
+    assert bob.status[0] is Code.PERMISSION_DENIED
+    assert bob.messages == []
+
+
 async def test_unsubscribe_of_another_callers_id_is_denied_and_changes_nothing() -> None:
     server = host(auth=AuthSettings(tokens=TOKENS))
     alice = FakeTransport(Request(id=3), token="tok-a")
@@ -274,3 +294,40 @@ def test_call_error_names_its_code() -> None:
     error = CallError(Code.NOT_FOUND, "no subscriber with id 3")
     assert str(error) == "NOT_FOUND: no subscriber with id 3"
     assert not error.final
+
+
+class Broken(SubscriptionManager):
+    async def authenticate(self, metadata: Mapping[str, str | bytes]) -> None:
+        raise ValueError("the token service is down")
+
+
+async def test_in_process_subscribe_raises_what_the_call_raised() -> None:
+    """A hook that raised used to leave the in-process subscriber waiting for ever."""
+    server = Broken(Settings(interval=3600.0))
+    stream = server.subscribe(Request(id=1))
+    with pytest.raises(ValueError, match="the token service is down"):
+        async with contextlib.aclosing(stream), asyncio.timeout(TIMEOUT):
+            await anext(stream)
+
+
+class StalledTransport(FakeTransport):
+    """A peer that takes nothing: every write waits until the call aborts it."""
+
+    async def write(self, messages: Sequence[bytes], abort: asyncio.Event) -> int:
+        self.wrote.set()
+        await abort.wait()
+        return 0
+
+
+async def test_a_stalled_peer_is_ended_as_too_slow_and_told_so() -> None:
+    server = host(queue=QueueSettings(size=4))
+    transport = StalledTransport(Request(id=3))
+    async with running_call(server, transport) as task, asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda: 3 in server.subscribers)
+        server.send(3, "taken, never written")
+        await transport.wrote.wait()
+        for n in range(5):  # the queue overflows while the write is stuck
+            server.send(3, str(n))
+        await task
+    assert transport.status == (Code.RESOURCE_EXHAUSTED, "subscriber too slow", False)
+    assert server.subscribers == []

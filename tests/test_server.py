@@ -366,3 +366,29 @@ async def test_close_keeps_to_the_drain_timeout_with_a_peer_that_stopped_reading
     finally:
         peer.close()
     assert took < drain + 0.5  # the deadline, plus a margin for a loaded machine (was +1 s)
+
+
+class SlowToStop(SubscriptionManager):
+    """An event source whose clean-up outlasts the drain timeout."""
+
+    async def event_source(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(30)  # a clean-up that takes far too long, on purpose
+
+
+async def test_close_does_not_wait_out_a_slow_event_source(
+    listener: socket.socket, settings: Settings
+) -> None:
+    drain = 1.0
+    quiet = settings.model_copy(update={"drain_timeout": drain})
+    server = SlowToStop(quiet)
+    await server.start(sock=listener)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await server.close()
+    assert loop.time() - began < drain + 0.5
+    assert server._source is not None
+    server._source.cancel()  # the test ends it; close() gave up on it
+    await asyncio.wait([server._source])

@@ -230,3 +230,26 @@ def test_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
     assert [bucket.take(), bucket.take()] == [True, False]
     now[0] += 100
     assert sum(bucket.take() for _ in range(10)) == 3  # never more than the burst
+
+
+def test_window_updates_wake_every_writer_that_may_send() -> None:
+    """The writer waits on ``window_updated``: grpclib sets it for a stream's own
+    WINDOW_UPDATE, for the connection's (every stream) and when INITIAL_WINDOW_SIZE changes."""
+    updated = inspect.getsource(EventsProcessor.process_window_updated)
+    assert "event.stream_id == 0" in updated
+    assert updated.count("window_updated.set()") == 2
+    settings = inspect.getsource(EventsProcessor.process_remote_settings_changed)
+    assert "INITIAL_WINDOW_SIZE" in settings
+    assert "window_updated.set()" in settings
+
+
+def test_a_handler_always_releases_its_stream() -> None:
+    """The pending-streams bound wraps ``release_stream``: grpclib calls it in a finally."""
+    source = inspect.getsource(grpclib.server.request_handler)
+    assert "finally:\n        release_stream()" in source
+
+
+def test_a_new_stream_needs_the_connections_transport() -> None:
+    """Why a connection dropped mid-read must stop processing what it already read."""
+    assert "self._transport" in inspect.getsource(Connection.create_stream)
+    assert "del self._transport" in inspect.getsource(Connection.close)
