@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.resources
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -34,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "longlived.proto"
 SUBSCRIBE = "/longlived.Longlived/Subscribe"
 
+WELL_KNOWN = importlib.resources.files("grpc_tools") / "_proto"
+"""protoc's own include directory, with the well-known types."""
+
 
 @dataclass(frozen=True, slots=True)
 class Stubs:
@@ -50,6 +54,7 @@ def generate_stubs(out: Path) -> None:
     args = [
         "protoc",
         f"--proto_path={PROTO.parent}",
+        f"--proto_path={WELL_KNOWN}",  # google/protobuf/any.proto
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         str(PROTO),

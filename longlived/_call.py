@@ -13,22 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import betterproto2
 
-from longlived._proto.longlived import Request, Response
+from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
 from longlived._status import CallError, Code
-from longlived._wire import HEARTBEAT_HEADER, check_request
+from longlived._wire import HEARTBEAT_HEADER, check_publish, check_request
 from longlived.auth import Caller
 from longlived.subscriber import EndReason, Subscriber
 
 if TYPE_CHECKING:
+    from longlived.events import Published
     from longlived.hub import Hub
     from longlived.settings import Settings
 
-__all__ = ["END_STATUS", "CallHost", "CallTransport", "SubscribeCall", "UnsubscribeCall"]
+__all__ = [
+    "END_STATUS",
+    "CallHost",
+    "CallTransport",
+    "PublishCall",
+    "SubscribeCall",
+    "UnsubscribeCall",
+]
 
 log = logging.getLogger("longlived.server")
 
@@ -107,12 +115,35 @@ class CallHost(Protocol):
         """Whether ``caller`` may end (or take over) the id ``owner`` holds."""
         ...
 
+    def authorize_publish(self, caller: Caller, request: PublishRequest) -> bool:
+        """Whether ``caller`` may publish ``request``."""
+        ...
+
+    async def emit(
+        self,
+        data: str = "",
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: bytes = b"",
+        key: str = "",
+    ) -> Published:
+        """Emit one event."""
+        ...
+
     def refused(self, code: Code, message: str, peer: str) -> None:
         """Count and log a refused call."""
 
 
-async def admit(host: CallHost, transport: CallTransport) -> tuple[Request, Caller]:
-    """Authenticate, then read and check the request, all within the admission timeout.
+async def admit(
+    host: CallHost,
+    transport: CallTransport,
+    message_type: type[M],
+    *,
+    max_size: int,
+    check: Callable[[M], None],
+) -> tuple[M, Caller]:
+    """Authenticate, then read and ``check`` the request, within the admission timeout.
 
     Authentication comes first, from the metadata: a stranger's body is never read, and
     strangers learn nothing of the request rules.
@@ -123,15 +154,24 @@ async def admit(host: CallHost, transport: CallTransport) -> tuple[Request, Call
             caller = await host.authenticate(transport.metadata)
             if caller is None:
                 raise CallError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
-            request = await transport.read_request(
-                Request, max_size=host.settings.limits.max_message_size
-            )
+            request = await transport.read_request(message_type, max_size=max_size)
     except TimeoutError:
         raise CallError(
             Code.DEADLINE_EXCEEDED, f"no complete request within {limit:g}s of the call"
         ) from None
-    check_request(request)
+    check(request)
     return request, caller
+
+
+async def admit_request(host: CallHost, transport: CallTransport) -> tuple[Request, Caller]:
+    """``admit`` for the ``Request`` of Subscribe and Unsubscribe."""
+    return await admit(
+        host,
+        transport,
+        Request,
+        max_size=host.settings.limits.max_message_size,
+        check=check_request,
+    )
 
 
 def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
@@ -163,7 +203,7 @@ class SubscribeCall(_Call):
         """Serve the call to its end; it never raises ``CallError``."""
         host, transport = self.host, self.transport
         try:
-            request, caller = await admit(host, transport)
+            request, caller = await admit_request(host, transport)
             self._authorize(request, caller)
         except CallError as exc:
             await self._refuse(exc)
@@ -251,7 +291,7 @@ class UnsubscribeCall(_Call):
         host, transport = self.host, self.transport
         timeout = host.settings.drain_timeout
         try:
-            request, caller = await admit(host, transport)
+            request, caller = await admit_request(host, transport)
             sub = host.hub.get(request.id)
             if sub is not None:
                 check_owner(host, caller, request.id, "unsubscribe")
@@ -268,4 +308,38 @@ class UnsubscribeCall(_Call):
         host.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED, flush_timeout=timeout)
         log.info("Unsubscribed client: %d", request.id)
         await transport.reply(bytes(Response()), timeout=timeout)
+        await transport.finish(Code.OK, None, timeout=timeout)
+
+
+class PublishCall(_Call):
+    """One ``Publish``: admission, authorization, the event, its position."""
+
+    async def run(self) -> None:
+        """Serve the call to its end; it never raises ``CallError``."""
+        host, transport = self.host, self.transport
+        try:
+            request, caller = await admit(
+                host,
+                transport,
+                PublishRequest,
+                max_size=host.settings.limits.max_event_size,
+                check=check_publish,
+            )
+            if not host.authorize_publish(caller, request):
+                raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not publish")
+        except CallError as exc:
+            await self._refuse(exc)
+            return
+        transport.admitted()
+        published = await host.emit(
+            request.data,
+            topic=request.topic,
+            to=request.to,
+            payload=bytes(request.payload) if request.payload is not None else b"",
+            key=request.idempotency_key,
+        )
+        position = published.position
+        reply = PublishReply(seq=position.seq, token=position.token, duplicate=published.duplicate)
+        timeout = host.settings.drain_timeout
+        await transport.reply(bytes(reply), timeout=timeout)
         await transport.finish(Code.OK, None, timeout=timeout)

@@ -47,8 +47,8 @@ from h2.exceptions import StreamClosedError as H2StreamClosedError
 from h2.settings import SettingCodes
 
 from longlived._aio import wait_first
-from longlived._call import CallHost, SubscribeCall, UnsubscribeCall
-from longlived._proto.longlived import Request, Response
+from longlived._call import CallHost, PublishCall, SubscribeCall, UnsubscribeCall
+from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
 from longlived._status import CallError, Code
 from longlived._wire import NO_RETRY_HEADER, PACKAGES, decode_request, too_large
 
@@ -685,6 +685,9 @@ def longlived_mapping(host: CallHost) -> dict[str, grpclib.const.Handler]:
     async def unsubscribe(stream: grpclib.server.Stream[Any, Any]) -> None:
         await UnsubscribeCall(host, StreamCall(stream)).run()
 
+    async def publish(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await PublishCall(host, StreamCall(stream)).run()
+
     mapping = {}
     for package in PACKAGES:
         mapping[f"/{package}.Longlived/Subscribe"] = grpclib.const.Handler(
@@ -693,6 +696,10 @@ def longlived_mapping(host: CallHost) -> dict[str, grpclib.const.Handler]:
         mapping[f"/{package}.Longlived/Unsubscribe"] = grpclib.const.Handler(
             unsubscribe, grpclib.const.Cardinality.UNARY_UNARY, Request, Response
         )
+    # Publish is ours alone: the original proto has no such method
+    mapping["/longlived.Longlived/Publish"] = grpclib.const.Handler(
+        publish, grpclib.const.Cardinality.UNARY_UNARY, PublishRequest, PublishReply
+    )
     return mapping
 
 

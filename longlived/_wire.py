@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import betterproto2
 from google.protobuf import message_factory
 
-from longlived._proto.longlived import Request, Response, ResponseKind
+from longlived._proto.longlived import PublishRequest, Request, Response, ResponseKind
 from longlived._status import CallError, Code
 from longlived.events import Kind, Position
 
@@ -23,6 +23,7 @@ __all__ = [
     "MAX_TOPIC_LENGTH",
     "NO_RETRY_HEADER",
     "PACKAGES",
+    "check_publish",
     "check_request",
     "check_topics",
     "decode_request",
@@ -44,13 +45,33 @@ MAX_ID = 2**31 - 1
 MAX_TOPICS = 256
 MAX_TOPIC_LENGTH = 256
 MAX_TOKEN_LENGTH = 256
+MAX_KEY_LENGTH = 256
+MAX_TYPE_URL_LENGTH = 2048
 
 M = TypeVar("M", bound=betterproto2.Message)
 
 
-def encode_message(kind: Kind, position: Position, data: str, topic: str) -> bytes:
-    """One wire ``Response``: DATA, HEARTBEAT or RESET at ``position``."""
-    return bytes(
+_PAYLOAD_TAG = bytes([(6 << 3) | 2])  # Response.payload: field 6, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_message(
+    kind: Kind, position: Position, data: str, topic: str, payload: bytes = b""
+) -> bytes:
+    """One wire ``Response``: DATA, HEARTBEAT or RESET at ``position``.
+
+    ``payload`` is an encoded ``google.protobuf.Any``; it is appended as field 6 as it is,
+    never decoded and encoded again.
+    """
+    message = bytes(
         Response(
             data=data,
             seq=position.seq,
@@ -59,6 +80,9 @@ def encode_message(kind: Kind, position: Position, data: str, topic: str) -> byt
             topic=topic,
         )
     )
+    if payload:
+        message += _PAYLOAD_TAG + _varint(len(payload)) + payload
+    return message
 
 
 def too_large(size: int, max_size: int) -> CallError:
@@ -120,6 +144,36 @@ def _check_types(request: Request) -> None:
     topics = request.topics
     if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
         raise CallError(Code.INVALID_ARGUMENT, "malformed Request message: topics")
+
+
+def check_publish(request: PublishRequest) -> None:
+    """Raise INVALID_ARGUMENT, naming the problem, for an event nobody may publish."""
+    for name in ("data", "topic", "idempotency_key"):
+        if not isinstance(getattr(request, name), str):
+            raise CallError(Code.INVALID_ARGUMENT, f"malformed PublishRequest message: {name}")
+    to = request.to
+    if to is not None and (not isinstance(to, int) or isinstance(to, bool)):
+        raise CallError(Code.INVALID_ARGUMENT, f"malformed PublishRequest message: to is {to!r}")
+    if to is not None and to < 0:
+        raise CallError(Code.INVALID_ARGUMENT, f"to must be >= 0, got {to}")
+    if to is not None and request.topic:
+        raise CallError(
+            Code.INVALID_ARGUMENT, "an event goes to a topic or to one id (to), not both"
+        )
+    if request.topic and (problem := check_topics([request.topic])):
+        raise CallError(Code.INVALID_ARGUMENT, problem)
+    if len(request.idempotency_key) > MAX_KEY_LENGTH:
+        raise CallError(
+            Code.INVALID_ARGUMENT,
+            f"idempotency_key is {len(request.idempotency_key)} characters "
+            f"(at most {MAX_KEY_LENGTH})",
+        )
+    payload = request.payload
+    if payload is not None and not 0 < len(payload.type_url) <= MAX_TYPE_URL_LENGTH:
+        raise CallError(
+            Code.INVALID_ARGUMENT,
+            f"payload.type_url must be 1-{MAX_TYPE_URL_LENGTH} characters long",
+        )
 
 
 def check_request(request: Request) -> None:

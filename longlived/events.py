@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-__all__ = ["Encoder", "Event", "Kind", "Position"]
+__all__ = ["Encoder", "Event", "Kind", "Position", "Published"]
 
 
 class Kind(enum.IntEnum):
@@ -45,6 +45,16 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """What publishing an event returned: its position, and whether it was a duplicate."""
+
+    position: Position
+    duplicate: bool = False
+    """The idempotency key was seen within the window: nothing was emitted, and
+    ``position`` is the first publish's."""
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One emitted event, as kept in the history."""
 
@@ -62,5 +72,5 @@ class Event:
         return not topics or self.topic in topics
 
 
-Encoder = Callable[[Kind, Position, str, str], bytes]
-"""``encode(kind, position, data, topic) -> bytes``: one wire message."""
+Encoder = Callable[[Kind, Position, str, str, bytes], bytes]
+"""``encode(kind, position, data, topic, payload) -> bytes``: one wire message."""

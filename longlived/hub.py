@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from longlived._dedup import Deduplicator
 from longlived.events import Encoder, Event, Kind, Position
 from longlived.subscriber import EndReason, Subscriber
 
@@ -68,6 +69,7 @@ class Hub:
         history_size: events kept for resuming subscribers.
         policy: what an overflowing queue does: ``disconnect`` or ``drop``.
         epoch: this hub's epoch (random if omitted).
+        dedup: remembers idempotency keys (default: two minutes, 100,000 keys).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Hub:
         history_size: int,
         policy: Policy = "disconnect",
         epoch: str | None = None,
+        dedup: Deduplicator | None = None,
     ) -> None:
         self.queue_size = queue_size
         self.policy: Policy = policy
@@ -91,6 +94,7 @@ class Hub:
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self.stats = HubStats()
+        self.dedup = dedup if dedup is not None else Deduplicator(window=120.0, max_keys=100_000)
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -152,7 +156,7 @@ class Hub:
             if isinstance(missed, str):
                 log.info("Subscriber %d cannot resume from %r (%s): RESET", id, resume, missed)
                 self.stats.resets += 1
-                sub.replay([self._encode(Kind.RESET, self.head, missed, "")])
+                sub.replay([self._encode(Kind.RESET, self.head, missed, "", b"")])
             else:
                 self.stats.resumes += 1
                 sub.replay(missed or [self.heartbeat()])
@@ -238,9 +242,36 @@ class Hub:
 
     # ----------------------------------------------------------------- emitting
 
-    def publish(self, data: str, *, topic: str = "") -> Position:
+    def emit(
+        self,
+        data: str = "",
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: bytes = b"",
+        key: str = "",
+    ) -> tuple[Position, bool]:
+        """Emit one event: to subscriber ``to``, or to every subscriber matching ``topic``.
+
+        ``payload`` is an encoded ``google.protobuf.Any``. With an idempotency ``key`` seen
+        within the deduplication window nothing is emitted. Returns the event's position
+        (the first one's, for a duplicate) and whether it was a duplicate.
+        """
+        if key:
+            seen = self.dedup.get(key)
+            if seen is not None:
+                return seen, True
+        if to is None:
+            position = self.publish(data, topic=topic, payload=payload)
+        else:
+            position = self.send(to, data, payload=payload)
+        if key:
+            self.dedup.remember(key, position)
+        return position, False
+
+    def publish(self, data: str, *, topic: str = "", payload: bytes = b"") -> Position:
         """Emit ``data`` to every subscriber whose topics match; returns its position."""
-        event = self._emit(data, topic, None)
+        event = self._emit(data, topic, None, payload)
         # no copy of the table per event: subscribers that overflow are ended afterwards
         too_slow = [
             sub
@@ -251,18 +282,18 @@ class Hub:
             self._end(sub, EndReason.TOO_SLOW)
         return self.head
 
-    def send(self, id: int, data: str) -> Position:
+    def send(self, id: int, data: str, *, payload: bytes = b"") -> Position:
         """Emit ``data`` to subscriber ``id`` only (kept for its resume even if absent now)."""
-        event = self._emit(data, "", id)
+        event = self._emit(data, "", id, payload)
         sub = self._subscribers.get(id)
         if sub is not None and self._offer(sub, event):
             self._end(sub, EndReason.TOO_SLOW)
         return self.head
 
-    def _emit(self, data: str, topic: str, target: int | None) -> Event:
+    def _emit(self, data: str, topic: str, target: int | None, payload: bytes) -> Event:
         self._seq += 1
         self.stats.events += 1
-        message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic)
+        message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic, payload)
         event = Event(self._seq, topic, target, message)
         history = self._history
         evicted = history[0] if history.maxlen and len(history) == history.maxlen else None
@@ -298,12 +329,13 @@ class Hub:
         if sub.control:
             self.stats.resets += 1
             position = Position(self.epoch, event.seq)
-            sub.put(self._encode(Kind.RESET, position, "subscriber too slow: events dropped", ""))
+            reason = "subscriber too slow: events dropped"
+            sub.put(self._encode(Kind.RESET, position, reason, "", b""))
         return False
 
     def heartbeat(self) -> bytes:
         """A HEARTBEAT message carrying the current head position."""
-        return self._encode(Kind.HEARTBEAT, self.head, "", "")
+        return self._encode(Kind.HEARTBEAT, self.head, "", "", b"")
 
     # ---------------------------------------------------------------- observing
 

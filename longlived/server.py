@@ -26,8 +26,9 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 
 from longlived._call import SubscribeCall
+from longlived._dedup import Deduplicator
 from longlived._local import LocalTransport
-from longlived._proto.longlived import LonglivedBase, Request, Response
+from longlived._proto.longlived import PublishRequest, Request, Response
 from longlived._status import Code
 from longlived._transport import (
     ConnectionLimits,
@@ -39,6 +40,7 @@ from longlived._transport import (
 from longlived._wire import PACKAGES, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.errors import SubscriptionClosed
+from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
 from longlived.settings import Settings
@@ -57,7 +59,7 @@ _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
 
 
-class SubscriptionManager(LonglivedBase):
+class SubscriptionManager:
     """The server: holds subscriptions, pushes events down them, drains cleanly.
 
     Use it as an async context manager (or call ``start`` and ``close``)::
@@ -88,6 +90,10 @@ class SubscriptionManager(LonglivedBase):
             queue_size=self.settings.queue.size,
             history_size=self.settings.replay.size,
             policy=self.settings.queue.policy,
+            dedup=Deduplicator(
+                window=self.settings.publish.dedup_window,
+                max_keys=self.settings.publish.dedup_max_keys,
+            ),
         )
         self.health = ServiceStatus()
         """SERVING while the server accepts subscriptions (grpc.health.v1)."""
@@ -135,12 +141,40 @@ class SubscriptionManager(LonglivedBase):
         """
         return self.hub.publish(data, topic=topic)
 
+    async def emit(
+        self,
+        data: str = "",
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: bytes = b"",
+        key: str = "",
+    ) -> Published:
+        """Emit one event, as the Publish RPC does: to subscriber ``to``, or to every
+        subscriber matching ``topic``.
+
+        Args:
+            data: the text payload (``Response.data``).
+            topic: the topic to publish on (with ``to`` unset).
+            to: the one subscriber id to send to.
+            payload: an encoded ``google.protobuf.Any``, passed to subscribers as it is.
+            key: an idempotency key: a second emit with the same key within
+                ``settings.publish.dedup_window`` seconds emits nothing and returns the
+                first one's position.
+        """
+        position, duplicate = self.hub.emit(data, topic=topic, to=to, payload=payload, key=key)
+        return Published(position, duplicate)
+
     async def event_source(self) -> None:
         """Produce events until cancelled. Override it to feed your own.
 
         The default is the original example's generator: every ``settings.interval``
-        seconds, ``data mock for: <id>`` to each subscriber.
+        seconds, ``data mock for: <id>`` to each subscriber; with ``settings.source``
+        ``none``, nothing (events come from Publish calls and the app).
         """
+        if self.settings.source == "none":
+            log.info("No event source: events come from Publish")
+            return
         log.info("Starting data generation")
         while True:
             await self._sleep(self.settings.interval)
@@ -209,6 +243,14 @@ class SubscriptionManager(LonglivedBase):
         """
         return not caller.authenticated or caller.name == owner
 
+    def authorize_publish(self, caller: Caller, request: PublishRequest) -> bool:
+        """Whether ``caller`` may publish ``request``.
+
+        Default: anyone when authentication is off; with it on, only the callers listed
+        in ``settings.auth.publishers``.
+        """
+        return not caller.authenticated or caller.name in self.settings.auth.publishers
+
     # ------------------------------------------------------------------ lifecycle
 
     def setup_server(self, server: grpclib.server.Server) -> None:
@@ -262,7 +304,10 @@ class SubscriptionManager(LonglivedBase):
                 reset_burst=settings.limits.reset_burst,
             ),
             max_message_size=settings.limits.max_message_size,
-            config=grpc_config(settings.keepalive, max_request=settings.limits.max_message_size),
+            config=grpc_config(
+                settings.keepalive,
+                max_request=max(settings.limits.max_message_size, settings.limits.max_event_size),
+            ),
         )
         ssl = server_context(settings.tls)
         self.setup_server(server)

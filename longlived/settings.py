@@ -26,6 +26,7 @@ __all__ = [
     "KeepaliveSettings",
     "LimitSettings",
     "MetricsSettings",
+    "PublishSettings",
     "QueueSettings",
     "ReplaySettings",
     "Settings",
@@ -193,6 +194,11 @@ class AuthSettings(BaseModel):
         '(JSON, e.g. \'{"s3cret": "alice"}\')',
     )
     token: str | None = Field(None, description="client: bearer token to send")
+    publishers: list[str] = Field(
+        default_factory=list,
+        description="server: callers (names from `tokens`) allowed to publish when auth is "
+        "on; nobody else may",
+    )
     public_methods: list[str] = Field(
         default_factory=lambda: ["/grpc.health.v1.Health/Check"],
         description="server: methods served without a token when auth is on (load balancer "
@@ -212,6 +218,10 @@ class LimitSettings(BaseModel):
     max_message_size: int = Field(
         65_536, ge=64, le=64 * 1024 * 1024,
         description="largest request message accepted, bytes; larger get RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    max_event_size: int = Field(
+        1 << 20, ge=64, le=64 * 1024 * 1024,
+        description="largest Publish request accepted, bytes; larger get RESOURCE_EXHAUSTED",
     )  # fmt: skip
     admission_timeout: float = Field(
         10.0, gt=0, le=3600,
@@ -236,6 +246,26 @@ class LimitSettings(BaseModel):
     reset_burst: int = Field(
         1000, ge=1, le=1_000_000, description="stream resets allowed at once on top of the rate"
     )
+
+
+class PublishSettings(BaseModel):
+    """Publishing from other processes (the Publish RPC, `Publisher`, `longlived publish`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dedup_window: float = Field(
+        120.0, gt=0, le=86_400,
+        description="server: a publish retried with the same idempotency key within this many "
+        "seconds is emitted once",
+    )  # fmt: skip
+    dedup_max_keys: int = Field(
+        100_000, ge=1, le=10_000_000,
+        description="server: idempotency keys remembered at most (the oldest go first)",
+    )  # fmt: skip
+    timeout: float = Field(
+        10.0, gt=0, le=3600,
+        description="publisher: how long one publish attempt may take, seconds",
+    )  # fmt: skip
 
 
 class MetricsSettings(BaseModel):
@@ -269,6 +299,11 @@ class Settings(BaseSettings):
         "127.0.0.1:7070", description="host:port the server listens on and clients connect to"
     )
     interval: float = Field(1.0, gt=0, le=86_400, description="mock generator period, seconds")
+    source: Literal["mock", "none"] = Field(
+        "mock",
+        description="serve: where events come from: `mock` (the original's generator) or "
+        "`none` (only Publish and the app's own calls)",
+    )
     count: int = Field(10, ge=1, le=100_000, description="clients started by `clients`/`demo`")
     stagger: float = Field(
         2.0, ge=0, le=3600, description="pause between starting two clients, seconds"
@@ -326,6 +361,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
 
     @property
     def host(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.resources
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ PROTOS = {
 # Don't let an http(s)_proxy in the environment route loopback calls elsewhere.
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
+WELL_KNOWN = importlib.resources.files("grpc_tools") / "_proto"
+"""protoc's own include directory, with the well-known types."""
+
 
 @dataclass(frozen=True, slots=True)
 class Stubs:
@@ -53,6 +57,7 @@ def generate(proto: Path, out: Path) -> Stubs:
     args = [
         "protoc",
         f"--proto_path={proto.parent}",
+        f"--proto_path={WELL_KNOWN}",  # google/protobuf/any.proto
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         str(proto),

@@ -240,11 +240,12 @@ async def next_message(stream: Subscription) -> Response:
 
 LONGLIVED_FILE = {
     "package": "longlived",
-    "messages": ["Request", "Response"],
+    "messages": ["Request", "Response", "PublishRequest", "PublishReply"],
     "services": {
         "Longlived": [
             ["Subscribe", ".longlived.Request", ".longlived.Response", True],
             ["Unsubscribe", ".longlived.Request", ".longlived.Response", False],
+            ["Publish", ".longlived.PublishRequest", ".longlived.PublishReply", False],
         ]
     },
 }

@@ -3,7 +3,15 @@
 # plugin: python-betterproto2
 # This file has been @generated
 
-__all__ = ("LonglivedBase", "LonglivedStub", "Request", "Response", "ResponseKind")
+__all__ = (
+    "LonglivedBase",
+    "LonglivedStub",
+    "PublishReply",
+    "PublishRequest",
+    "Request",
+    "Response",
+    "ResponseKind",
+)
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +56,68 @@ class ResponseKind(betterproto2.Enum):
     another epoch, or dropped as too slow): resync, then carry on from `token`.
     `data` says why.
     """
+
+
+@dataclass(eq=False, repr=False)
+class PublishReply(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return LONGLIVED_PROTO_DESCRIPTOR.message_types_by_name["PublishReply"]
+
+    seq: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    Position of the event (of the first one, for a duplicate).
+    """
+
+    token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    duplicate: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+    """
+    This publish repeated an idempotency key seen within the window: nothing was emitted.
+    """
+
+
+default_message_pool.register_message("longlived", "PublishReply", PublishReply)
+
+
+@dataclass(eq=False, repr=False)
+class PublishRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return LONGLIVED_PROTO_DESCRIPTOR.message_types_by_name["PublishRequest"]
+
+    data: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The event's text payload (what `Response.data` carries).
+    """
+
+    topic: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Publish on this topic: every subscriber with no topics or with this one receives it.
+    """
+
+    to: "int | None" = betterproto2.field(3, betterproto2.TYPE_INT32, optional=True)
+    """
+    Or send it to this one subscriber id only (then `topic` must be empty).
+    """
+
+    idempotency_key: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    A publish retried with the same key within the server's window is emitted once;
+    the retry is answered with the first one's position. Empty: no deduplication.
+    """
+
+    payload: "_google__protobuf__.Any | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    A typed payload, beside or instead of `data`.
+    """
+
+
+default_message_pool.register_message("longlived", "PublishRequest", PublishRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -120,6 +190,13 @@ class Response(betterproto2.Message):
     The topic the event was published on ("" for events sent to one id).
     """
 
+    payload: "_google__protobuf__.Any | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    A typed payload: any message of the application's own protos (DATA only).
+    """
+
 
 default_message_pool.register_message("longlived", "Response", Response)
 
@@ -174,9 +251,33 @@ class LonglivedStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def publish(
+        self,
+        message: "PublishRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "PublishReply":
+        """
+        Emit one event from anywhere: to every subscriber of a topic, or to one id.
+        Answers the event's position.
+        """
+
+        return await self._unary_unary(
+            "/longlived.Longlived/Publish",
+            message,
+            PublishReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+
+from ..google import protobuf as _google__protobuf__
 
 LONGLIVED_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0flonglived.proto\x12\tlonglived"\x9e\x01\n\x07Request\x12\x0e\n\x02id\x18\x01 \x01(\x05R\x02id\x12!\n\x0cresume_token\x18\x02 \x01(\tR\x0bresumeToken\x12\x16\n\x06topics\x18\x03 \x03(\tR\x06topics\x12!\n\x0cheartbeat_ms\x18\x04 \x01(\rR\x0bheartbeatMs\x12%\n\x0eaccept_control\x18\x05 \x01(\x08R\racceptControl"\xb4\x01\n\x08Response\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x10\n\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x03 \x01(\tR\x05token\x12,\n\x04kind\x18\x04 \x01(\x0e2\x18.longlived.Response.KindR\x04kind\x12\x14\n\x05topic\x18\x05 \x01(\tR\x05topic"(\n\x04Kind\x12\x06\n\x04DATA\x12\r\n\tHEARTBEAT\x10\x01\x12\t\n\x05RESET\x10\x022\x7f\n\tLonglived\x128\n\tSubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x000\x01\x128\n\x0bUnsubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x00b\x06proto3'
+    b'\n\x0flonglived.proto\x12\tlonglived\x1a\x19google/protobuf/any.proto"\x9e\x01\n\x07Request\x12\x0e\n\x02id\x18\x01 \x01(\x05R\x02id\x12!\n\x0cresume_token\x18\x02 \x01(\tR\x0bresumeToken\x12\x16\n\x06topics\x18\x03 \x03(\tR\x06topics\x12!\n\x0cheartbeat_ms\x18\x04 \x01(\rR\x0bheartbeatMs\x12%\n\x0eaccept_control\x18\x05 \x01(\x08R\racceptControl"\xe4\x01\n\x08Response\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x10\n\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x03 \x01(\tR\x05token\x12,\n\x04kind\x18\x04 \x01(\x0e2\x18.longlived.Response.KindR\x04kind\x12\x14\n\x05topic\x18\x05 \x01(\tR\x05topic\x12.\n\x07payload\x18\x06 \x01(\x0b2\x14.google.protobuf.AnyR\x07payload"(\n\x04Kind\x12\x06\n\x04DATA\x12\r\n\tHEARTBEAT\x10\x01\x12\t\n\x05RESET\x10\x02"\xaf\x01\n\x0ePublishRequest\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x14\n\x05topic\x18\x02 \x01(\tR\x05topic\x12\x13\n\x02to\x18\x03 \x01(\x05H\x00R\x02to\x88\x01\x01\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\x12.\n\x07payload\x18\x05 \x01(\x0b2\x14.google.protobuf.AnyR\x07payloadB\x05\n\x03_to"T\n\x0cPublishReply\x12\x10\n\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\x12\x1c\n\tduplicate\x18\x03 \x01(\x08R\tduplicate2\xc0\x01\n\tLonglived\x128\n\tSubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x000\x01\x128\n\x0bUnsubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x00\x12?\n\x07Publish\x12\x19.longlived.PublishRequest\x1a\x17.longlived.PublishReply"\x00b\x06proto3'
 )
 
 
@@ -202,6 +303,14 @@ class LonglivedBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def publish(self, message: "PublishRequest") -> "PublishReply":
+        """
+        Emit one event from anywhere: to every subscriber of a topic, or to one id.
+        Answers the event's position.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_subscribe(self, stream: "grpclib.server.Stream[Request, Response]") -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -217,6 +326,14 @@ class LonglivedBase(betterproto2_grpclib.ServiceBase):
         response = await self.unsubscribe(request)
         await stream.send_message(response)
 
+    async def __rpc_publish(
+        self, stream: "grpclib.server.Stream[PublishRequest, PublishReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.publish(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/longlived.Longlived/Subscribe": grpclib.const.Handler(
@@ -230,5 +347,11 @@ class LonglivedBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 Request,
                 Response,
+            ),
+            "/longlived.Longlived/Publish": grpclib.const.Handler(
+                self.__rpc_publish,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                PublishRequest,
+                PublishReply,
             ),
         }
