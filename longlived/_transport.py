@@ -287,6 +287,10 @@ class _Handler(grpclib.server.Handler):
         if self.closing:  # after GOAWAY: the rest of what the peer sent is not served
             release_stream()
             return
+        path = next((value for name, value in headers if name == ":path"), "")
+        if path not in self.mapping:  # grpclib's own answer lacks a content-type
+            self._refuse(stream, release_stream, f"no method {path[:200]}", Status.UNIMPLEMENTED)
+            return
         size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 7541 size
         if size > self.limits.max_metadata_size:
             limit = self.limits.max_metadata_size
@@ -326,8 +330,14 @@ class _Handler(grpclib.server.Handler):
                         self.peer, self._resets.burst, what, self._resets.rate)  # fmt: skip
             self.protocol.goaway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}".encode())
 
-    def _refuse(self, stream: H2Stream, release: Callable[[], Any], message: str) -> None:
-        """Answer ``stream`` at once with RESOURCE_EXHAUSTED; no handler runs for it."""
+    def _refuse(
+        self,
+        stream: H2Stream,
+        release: Callable[[], Any],
+        message: str,
+        status: Status = Status.RESOURCE_EXHAUSTED,
+    ) -> None:
+        """Answer ``stream`` at once with ``status``; no handler runs for it."""
         self._refusals += 1
         now = time.monotonic()
         if now - self._refusal_logged >= 1.0:  # one line a second per connection at most
@@ -343,7 +353,7 @@ class _Handler(grpclib.server.Handler):
                 [
                     (":status", "200"),
                     ("content-type", "application/grpc+proto"),
-                    ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                    ("grpc-status", str(status.value)),
                     ("grpc-message", encode_grpc_message(message)),
                 ],
                 end_stream=True,
