@@ -22,6 +22,7 @@ from longlived._proto.longlived import PublishReply, PublishRequest, Request, Re
 from longlived._status import CallError, Code
 from longlived._wire import HEARTBEAT_HEADER, check_publish, check_request
 from longlived.auth import Caller
+from longlived.errors import LogUnavailable
 from longlived.subscriber import EndReason, Subscriber
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ END_STATUS = {
     EndReason.TOO_SLOW: Code.RESOURCE_EXHAUSTED,
     EndReason.SHUTDOWN: Code.UNAVAILABLE,
     EndReason.MAX_AGE: Code.UNAVAILABLE,
+    EndReason.LOG_LOST: Code.UNAVAILABLE,
 }
 """The status a stream ends with, by why it ended."""
 
@@ -218,6 +220,8 @@ class SubscribeCall(_Call):
             owner=caller.name,
         )
         try:
+            if sub.gap is not None and not await self._fill(sub):
+                return
             await self._stream(sub, request)
         except asyncio.CancelledError:
             if sub.end_reason is None:
@@ -231,6 +235,22 @@ class SubscribeCall(_Call):
             )
         finally:
             host.hub.release(sub)
+
+    async def _fill(self, sub: Subscriber) -> bool:
+        """Fetch what ``sub`` missed before the history from the shared log; False (and
+        the call answered UNAVAILABLE, so the client retries) if the log cannot be read."""
+        try:
+            await self.host.hub.fill(sub)
+        except Exception as exc:  # the log's own errors: a connection lost, a timeout
+            log.warning("Client ID %d cannot resume now: the event log failed: %r", sub.id, exc)
+            self.host.hub.release(sub)
+            await self.transport.finish(
+                Code.UNAVAILABLE,
+                "the event log is unavailable; retry",
+                timeout=self.host.settings.drain_timeout,
+            )
+            return False
+        return True
 
     def _authorize(self, request: Request, caller: Caller) -> None:
         host, id = self.host, request.id
@@ -331,13 +351,17 @@ class PublishCall(_Call):
             await self._refuse(exc)
             return
         transport.admitted()
-        published = await host.emit(
-            request.data,
-            topic=request.topic,
-            to=request.to,
-            payload=bytes(request.payload) if request.payload is not None else b"",
-            key=request.idempotency_key,
-        )
+        try:
+            published = await host.emit(
+                request.data,
+                topic=request.topic,
+                to=request.to,
+                payload=bytes(request.payload) if request.payload is not None else b"",
+                key=request.idempotency_key,
+            )
+        except LogUnavailable as exc:  # nothing was emitted: the publisher retries, same key
+            await self._refuse(CallError(Code.UNAVAILABLE, str(exc)))
+            return
         position = published.position
         reply = PublishReply(seq=position.seq, token=position.token, duplicate=published.duplicate)
         timeout = host.settings.drain_timeout

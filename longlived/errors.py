@@ -7,13 +7,15 @@
     ├── SubscriptionClosed   the server ended the stream with a status that is not retried
     ├── ResumeExpired        the server could not resume: events were lost, resync (RESET)
     ├── TlsError             the server's certificate failed verification (not retried)
-    └── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
+    ├── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
+    └── LogUnavailable       the shared event log (Redis) cannot be reached right now
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "LogUnavailable",
     "LonglivedError",
     "ResumeExpired",
     "RetriesExhausted",
@@ -74,3 +76,10 @@ class RetriesExhausted(LonglivedError):
 
 class TlsError(LonglivedError):
     """TLS verification failed (wrong CA, wrong name, expired certificate): not retried."""
+
+
+class LogUnavailable(LonglivedError):
+    """The shared event log (Redis) cannot be reached: nothing was appended or read.
+
+    A publish that raised it can be retried with the same idempotency key.
+    """

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import secrets
 from collections import Counter, deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
 from longlived._dedup import Deduplicator
 from longlived.events import Encoder, Event, Kind, Position
-from longlived.subscriber import EndReason, Subscriber
+from longlived.subscriber import EndReason, Gap, Subscriber
 
 __all__ = [
     "EndReason",
@@ -42,6 +42,11 @@ __all__ = [
 
 Policy = Literal["disconnect", "drop"]
 """What an overflowing queue does."""
+
+Backfill = Callable[[int, int, int, frozenset[str]], Awaitable["list[bytes] | str"]]
+"""``backfill(after, upto, id, topics)``: the messages with ``after < seq <= upto`` for the
+subscriber ``id`` with ``topics``, from a shared log; or why it no longer has them."""
+
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,9 @@ class Hub:
         self._encode = encode
         self._seq = 0
         self._history: deque[Event] = deque(maxlen=history_size)
+        self._floor = 0  # the history holds every event after this seq
+        self.backfill: Backfill | None = None
+        """Fetches events older than the history from a shared log (None: none kept)."""
         self._targeted: Counter[int] = Counter()  # events in the history sent to one id
         self._claims: dict[int, str] = {}  # id -> owner, while it has a stream or events
         self._subscribers: dict[int, Subscriber] = {}
@@ -154,9 +162,10 @@ class Hub:
         if resume:
             missed = self._missed(id, sub.topics, resume)
             if isinstance(missed, str):
-                log.info("Subscriber %d cannot resume from %r (%s): RESET", id, resume, missed)
-                self.stats.resets += 1
-                sub.replay([self._encode(Kind.RESET, self.head, missed, "", b"")])
+                self._reset(sub, resume, missed)
+            elif isinstance(missed, Gap):
+                self.stats.resumes += 1
+                sub.gap = missed  # the call fills it from the shared log (fill())
             else:
                 self.stats.resumes += 1
                 sub.replay(missed or [self.heartbeat()])
@@ -172,8 +181,14 @@ class Hub:
         self._notify()
         return sub
 
-    def _missed(self, id: int, topics: Collection[str], token: str) -> list[bytes] | str:
-        """The messages after ``token`` for this subscriber, or why there is no such list."""
+    def _reset(self, sub: Subscriber, token: str, reason: str) -> None:
+        log.info("Subscriber %d cannot resume from %r (%s): RESET", sub.id, token, reason)
+        self.stats.resets += 1
+        sub.replay([self._encode(Kind.RESET, self.head, reason, "", b"")])
+
+    def _missed(self, id: int, topics: Collection[str], token: str) -> list[bytes] | str | Gap:
+        """The messages after ``token`` for this subscriber, or why there is no such list,
+        or (with a shared log) the gap before the history that the log must fill."""
         position = Position.parse(token)
         if position is None:
             return "malformed resume token"
@@ -181,13 +196,36 @@ class Hub:
             return "resume token from another epoch (the server restarted)"
         if position.seq > self._seq:
             return "resume token from the future"
-        oldest = self._history[0].seq if self._history else self._seq + 1
-        if position.seq < oldest - 1:
-            return "resume token older than the retained history"
-        # seqs in the history are contiguous: walk back from the newest, O(missed)
+        missed = self._recent(id, topics, position.seq)
+        if position.seq < self._floor:
+            if self.backfill is None:
+                return "resume token older than the retained history"
+            return Gap(after=position.seq, upto=self._floor, recent=missed)
+        return missed
+
+    async def fill(self, sub: Subscriber) -> None:
+        """Queue what ``sub`` missed before the history, from the shared log, ahead of what
+        it has received live since it registered (a RESET if the log no longer has it).
+
+        Raises what the log raises when it cannot be read (the caller ends the call).
+        """
+        gap = sub.gap
+        if gap is None:
+            return
+        assert self.backfill is not None
+        older = await self.backfill(gap.after, gap.upto, sub.id, sub.topics)
+        sub.gap = None
+        if isinstance(older, str):
+            self._reset(sub, Position(self.epoch, gap.after).token, older)
+            return
+        sub.replay(older + gap.recent or [self.heartbeat()], first=True)
+
+    def _recent(self, id: int, topics: Collection[str], after: int) -> list[bytes]:
+        """The history's messages after seq ``after`` for this subscriber."""
+        # walk back from the newest: O(missed)
         missed = []
         for event in reversed(self._history):
-            if event.seq <= position.seq:
+            if event.seq <= after:
                 break
             if event.matches(id, topics):
                 missed.append(event.message)
@@ -271,7 +309,44 @@ class Hub:
 
     def publish(self, data: str, *, topic: str = "", payload: bytes = b"") -> Position:
         """Emit ``data`` to every subscriber whose topics match; returns its position."""
-        event = self._emit(data, topic, None, payload)
+        self._fan_out(self._emit(data, topic, None, payload))
+        return self.head
+
+    def send(self, id: int, data: str, *, payload: bytes = b"") -> Position:
+        """Emit ``data`` to subscriber ``id`` only (kept for its resume even if absent now)."""
+        self._fan_out(self._emit(data, "", id, payload))
+        return self.head
+
+    def deliver(
+        self, seq: int, data: str, *, topic: str = "", to: int | None = None, payload: bytes = b""
+    ) -> None:
+        """Fan out an event the shared log positioned at ``seq`` (greater than ``head``)."""
+        self._fan_out(self._emit(data, topic, to, payload, seq=seq))
+
+    def start_at(self, epoch: str, seq: int) -> None:
+        """Follow a shared log from position ``(epoch, seq)``: what came before is there."""
+        self.epoch, self._seq, self._floor = epoch, seq, seq
+        self._history.clear()
+        self._targeted.clear()
+
+    def log_lost(self, epoch: str, seq: int) -> None:
+        """The shared log came back as a new one: end every stream (each client resumes
+        and its old position gets RESET), then follow the new log from ``seq``."""
+        log.warning("The shared event log was lost; ending %d streams", len(self))
+        self.end_all(EndReason.LOG_LOST)
+        self.start_at(epoch, seq)
+
+    def encode_event(self, seq: int, data: str, *, topic: str = "", payload: bytes = b"") -> bytes:
+        """The DATA message of the event at ``seq`` (for messages read back from a log)."""
+        return self._encode(Kind.DATA, Position(self.epoch, seq), data, topic, payload)
+
+    def _fan_out(self, event: Event) -> None:
+        if event.target is not None:
+            sub = self._subscribers.get(event.target)
+            if sub is not None and self._offer(sub, event):
+                self._end(sub, EndReason.TOO_SLOW)
+            return
+        topic = event.topic
         # no copy of the table per event: subscribers that overflow are ended afterwards
         too_slow = [
             sub
@@ -280,22 +355,18 @@ class Hub:
         ]
         for sub in too_slow:
             self._end(sub, EndReason.TOO_SLOW)
-        return self.head
 
-    def send(self, id: int, data: str, *, payload: bytes = b"") -> Position:
-        """Emit ``data`` to subscriber ``id`` only (kept for its resume even if absent now)."""
-        event = self._emit(data, "", id, payload)
-        sub = self._subscribers.get(id)
-        if sub is not None and self._offer(sub, event):
-            self._end(sub, EndReason.TOO_SLOW)
-        return self.head
-
-    def _emit(self, data: str, topic: str, target: int | None, payload: bytes) -> Event:
-        self._seq += 1
+    def _emit(
+        self, data: str, topic: str, target: int | None, payload: bytes, *, seq: int = 0
+    ) -> Event:
+        self._seq = seq or self._seq + 1
         self.stats.events += 1
         message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic, payload)
         event = Event(self._seq, topic, target, message)
         history = self._history
+        if not history.maxlen:
+            self._floor = self._seq  # nothing is kept
+            return event
         evicted = history[0] if history.maxlen and len(history) == history.maxlen else None
         if history.maxlen and target is not None:
             self._targeted[target] += 1  # before the eviction: it may be the same id's
@@ -305,7 +376,8 @@ class Hub:
         return event
 
     def _evict(self, event: Event) -> None:
-        """``event`` is about to leave the history."""
+        """``event`` has left the history."""
+        self._floor = event.seq
         if event.target is not None:
             self._targeted[event.target] -= 1
             if not self._targeted[event.target]:

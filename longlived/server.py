@@ -43,6 +43,7 @@ from longlived.errors import SubscriptionClosed
 from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
+from longlived.redislog import RedisLog
 from longlived.settings import Settings
 from longlived.tls import server_context
 
@@ -104,6 +105,7 @@ class SubscriptionManager:
         self.rng = random.Random()
         """Randomness for the jitter of ``max_connection_age``."""
         self._server: GrpcServer | None = None
+        self._log: RedisLog | None = None
         self._source: asyncio.Task[None] | None = None
         self._metrics: MetricsServer | None = None
         self._closing = False
@@ -130,16 +132,27 @@ class SubscriptionManager:
         """Send ``data`` to subscriber ``id`` only; returns the event's position.
 
         The event is kept in the history even if ``id`` is not subscribed right now, so a
-        subscriber resuming as ``id`` still receives it.
+        subscriber resuming as ``id`` still receives it. In-memory log only: with
+        ``settings.redis.url`` set, use ``await emit(data, to=id)``.
         """
+        self._in_memory("send")
         return self.hub.send(id, data)
 
     def publish(self, data: str, *, topic: str = "") -> Position:
         """Send ``data`` to every subscriber whose topics match; returns its position.
 
-        The event is encoded once; the same bytes go to every subscriber.
+        The event is encoded once; the same bytes go to every subscriber. In-memory log
+        only: with ``settings.redis.url`` set, use ``await emit(data, topic=topic)``.
         """
+        self._in_memory("publish")
         return self.hub.publish(data, topic=topic)
+
+    def _in_memory(self, method: str) -> None:
+        if self._log is not None:
+            raise RuntimeError(
+                f"{method}() emits into the in-memory log; with a shared log "
+                "(settings.redis.url) events go through Redis: use await emit(...)"
+            )
 
     async def emit(
         self,
@@ -162,6 +175,8 @@ class SubscriptionManager:
                 ``settings.publish.dedup_window`` seconds emits nothing and returns the
                 first one's position.
         """
+        if self._log is not None:
+            return await self._log.append(data, topic=topic, to=to, payload=payload, key=key)
         position, duplicate = self.hub.emit(data, topic=topic, to=to, payload=payload, key=key)
         return Published(position, duplicate)
 
@@ -179,7 +194,7 @@ class SubscriptionManager:
         while True:
             await self._sleep(self.settings.interval)
             for id in self.hub.ids():
-                self.send(id, f"data mock for: {id}")
+                await self.emit(f"data mock for: {id}", to=id)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds, re-checked whenever subscribers come or go.
@@ -312,7 +327,16 @@ class SubscriptionManager:
         ssl = server_context(settings.tls)
         self.setup_server(server)
         metrics = None
+        shared = None
         try:
+            if settings.redis.url is not None:
+                shared = RedisLog(
+                    settings.redis,
+                    self.hub,
+                    dedup_window=settings.publish.dedup_window,
+                    backoff=settings.backoff.to_backoff(),
+                )
+                await shared.start()
             if settings.metrics.port is not None:
                 metrics = serve_metrics(
                     on_loop(self.stats, asyncio.get_running_loop()),
@@ -327,8 +351,10 @@ class SubscriptionManager:
             server.stop()
             if metrics is not None:
                 await asyncio.to_thread(metrics.close)
+            if shared is not None:
+                await shared.close()
             raise
-        self._server, self._metrics = server, metrics
+        self._server, self._metrics, self._log = server, metrics, shared
         if metrics is not None:
             log.info("Metrics on http://%s:%d/metrics", settings.metrics.host, metrics.port)
         self.health.set(True)
@@ -389,6 +415,8 @@ class SubscriptionManager:
                 self._server.stop()  # idempotent; stops listening even if close() was cancelled
             if metrics_closed is not None:
                 await asyncio.wait([metrics_closed])
+            if self._log is not None:
+                await self._log.close()
             self._closed.set()
 
     async def wait_closed(self) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "MetricsSettings",
     "PublishSettings",
     "QueueSettings",
+    "RedisSettings",
     "ReplaySettings",
     "Settings",
     "TlsSettings",
@@ -268,6 +269,34 @@ class PublishSettings(BaseModel):
     )  # fmt: skip
 
 
+class RedisSettings(BaseModel):
+    """The shared event log on Redis Streams (several replicas; off unless `url` is set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(
+        None,
+        description="redis:// or rediss:// URL of the shared log (unset = in memory, one process)",
+    )
+    stream: str = Field(
+        "longlived", min_length=1, max_length=200,
+        description="name of the log: its keys are `{name}:events`, `{name}:epoch`, ... (one "
+        "Redis Cluster slot)",
+    )  # fmt: skip
+    maxlen: int = Field(
+        100_000, ge=1, le=100_000_000,
+        description="events the stream keeps (XADD MAXLEN ~): how far back a client can resume",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> RedisSettings:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"url must start with redis://, rediss:// or unix://, got {self.url!r}"
+            )
+        return self
+
+
 class MetricsSettings(BaseModel):
     """Prometheus metrics endpoint (off unless `port` is set)."""
 
@@ -362,6 +391,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
 
     @property
     def host(self) -> str:

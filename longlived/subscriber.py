@@ -6,8 +6,9 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Collection
+from dataclasses import dataclass
 
-__all__ = ["EndReason", "Subscriber"]
+__all__ = ["EndReason", "Gap", "Subscriber"]
 
 
 class EndReason(enum.Enum):
@@ -23,6 +24,19 @@ class EndReason(enum.Enum):
     """The server is closing."""
     MAX_AGE = "max connection age reached"
     """The stream lived longer than the server's ``max_connection_age``."""
+    LOG_LOST = "the shared event log was lost"
+    """The Redis log came back without its events (a restart without persistence): the
+    client resumes, and its old position gets RESET."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """What a resuming subscriber missed before the hub's history: the events with
+    ``after < seq <= upto`` from the shared log, then ``recent`` from the history."""
+
+    after: int
+    upto: int
+    recent: list[bytes]
 
 
 class Subscriber:
@@ -37,6 +51,7 @@ class Subscriber:
         "control",
         "end_reason",
         "ended",
+        "gap",
         "id",
         "limit",
         "owner",
@@ -69,6 +84,8 @@ class Subscriber:
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self.gap: Gap | None = None
+        """What it missed before the hub's history, still to be fetched from a shared log."""
 
     def __repr__(self) -> str:
         return f"<Subscriber id={self.id} queued={len(self._queue)} end={self.end_reason}>"
@@ -87,10 +104,13 @@ class Subscriber:
         self._queue.append(message)
         self._wake.set()
 
-    def replay(self, messages: list[bytes]) -> None:
-        """Queue missed messages ahead of live ones, beyond the live bound."""
-        self._queue.extend(messages)
-        self._allowance = len(messages)
+    def replay(self, messages: list[bytes], *, first: bool = False) -> None:
+        """Queue missed messages beyond the live bound; ``first``: ahead of what is queued."""
+        if first:
+            self._queue.extendleft(reversed(messages))
+        else:
+            self._queue.extend(messages)
+        self._allowance += len(messages)
         self._wake.set()
 
     def drop_all(self) -> None:

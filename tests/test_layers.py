@@ -11,7 +11,18 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "longlived"
 MODULES = sorted(p for p in PACKAGE.glob("*.py"))
 
-NO_GRPC = ["events", "subscriber", "hub", "_status", "_wire", "_call", "_local", "_aio"]
+NO_GRPC = [
+    "events",
+    "subscriber",
+    "hub",
+    "_dedup",
+    "redislog",
+    "_status",
+    "_wire",
+    "_call",
+    "_local",
+    "_aio",
+]
 """The core and the call layer: they import neither grpclib nor h2."""
 
 INTERNALS = {

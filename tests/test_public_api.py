@@ -25,6 +25,7 @@ def test_exported_names() -> None:
         "MetricsSettings",
         "Position",
         "QueueSettings",
+        "RedisSettings",
         "ReplaySettings",
         "Request",
         "ResilientClient",

@@ -1,0 +1,86 @@
+"""A redis-server of the test's own, on a free loopback port, that the test can kill.
+
+Persistence is off, as in the Redis restart the guarantees are stated for: a restarted
+server comes back empty. Where ``redis-server`` is not installed the tests that need it
+skip, unless ``TEST_REQUIRE_REDIS=1`` (``.ci/run`` sets it), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+__all__ = ["RedisServer", "redis_server"]
+
+BINARY = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process; ``restart()`` kills it (-9) and starts a fresh, empty one."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        assert BINARY is not None
+        self.process = await asyncio.create_subprocess_exec(
+            BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--protected-mode", "no",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            async with asyncio.timeout(10):
+                for _ in range(10_000):  # the process signals nothing when it is ready: ask
+                    try:
+                        await client.ping()
+                        return
+                    except (OSError, redis.exceptions.ConnectionError):
+                        await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        """kill -9: nothing is saved."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            async with asyncio.timeout(10):
+                await self.process.wait()
+
+    async def restart(self) -> None:
+        await self.kill()
+        await self.start()
+
+
+@asynccontextmanager
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A running redis-server, killed on the way out."""
+    if BINARY is None:
+        reason = "redis-server is not installed"
+        if os.environ.get("TEST_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}, and TEST_REQUIRE_REDIS=1 requires it")
+        pytest.skip(reason)
+    server = RedisServer(_free_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -1,0 +1,331 @@
+"""One contract, two event logs: in memory (one process) and Redis Streams (replicas).
+
+Every test in ``Contract`` runs on both, through real servers and raw grpclib subscribers:
+ordering, resume, RESET, targeted events, retention. The Redis-only tests after it run
+two replicas on one Redis, move a client between them, and restart Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from longlived import (
+    BackoffSettings,
+    Position,
+    RedisSettings,
+    ReplaySettings,
+    Request,
+    ResilientClient,
+    Response,
+    ResponseKind,
+    Settings,
+    SubscriptionManager,
+)
+from longlived.errors import LogUnavailable
+from tests.helpers import channel_for, subscription
+from tests.redis_server import RedisServer, redis_server
+
+TIMEOUT = 15
+
+
+@pytest.fixture
+def base(quiet: Settings, listener: socket.socket) -> Settings:
+    """``quiet`` settings; each server here listens on a socket of its own."""
+    listener.close()
+    return quiet
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def log_settings(request: pytest.FixtureRequest, base: Settings) -> AsyncIterator[Settings]:
+    """``base`` settings on each kind of log."""
+    quiet = base
+    if request.param == "memory":
+        yield quiet
+        return
+    async with redis_server() as redis:
+        yield quiet.model_copy(update={"redis": RedisSettings(url=redis.url, maxlen=1000)})
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **updates: object) -> AsyncIterator[SubscriptionManager]:
+    """A started server on a fresh port with ``settings`` (and ``updates``)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = SubscriptionManager(
+        settings.model_copy(update={"address": f"127.0.0.1:{port}", **updates})
+    )
+    await server.start(sock=sock)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def messages(stream: object, count: int) -> list[Response]:
+    """The next ``count`` messages on a grpclib subscription."""
+    received: list[Response] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(received) < count:
+            message = await stream.recv_message()  # type: ignore[attr-defined]  # grpclib's
+            assert message is not None, f"the stream ended after {len(received)}"
+            received.append(message)
+    return received
+
+
+def data(received: list[Response]) -> list[str]:
+    return [m.data for m in received if m.kind == ResponseKind.DATA]
+
+
+class TestContract:
+    """What every log guarantees."""
+
+    async def test_events_arrive_in_order_with_rising_positions(
+        self, log_settings: Settings
+    ) -> None:
+        async with serving(log_settings) as server:
+            channel = channel_for(server.settings)
+            try:
+                async with subscription(channel, 1) as stream:
+                    published = [await server.emit(str(n)) for n in range(50)]
+                    got = await messages(stream, 50)
+                assert data(got) == [str(n) for n in range(50)]
+                assert [m.token for m in got] == [p.position.token for p in published]
+                seqs = [m.seq for m in got]
+                assert seqs == sorted(seqs)
+                assert len(set(seqs)) == 50
+            finally:
+                channel.close()
+
+    async def test_resume_gets_exactly_what_was_missed(self, log_settings: Settings) -> None:
+        async with serving(log_settings) as server:
+            channel = channel_for(server.settings)
+            try:
+                async with subscription(channel, 1) as stream:
+                    for n in range(5):
+                        await server.emit(str(n))
+                    token = (await messages(stream, 5))[-1].token
+                for n in range(5, 10):
+                    await server.emit(str(n))
+                resume = Request(id=1, resume_token=token)
+                async with subscription(channel, resume) as stream:
+                    got = await messages(stream, 5)
+                    await server.emit("live")
+                    got += await messages(stream, 1)
+                assert data(got) == ["5", "6", "7", "8", "9", "live"]
+            finally:
+                channel.close()
+
+    @pytest.mark.parametrize(
+        ("token", "reason"),
+        [
+            ("junk", "malformed resume token"),
+            ("another-epoch:1", "resume token from another epoch (the server restarted)"),
+        ],
+    )
+    async def test_a_token_that_cannot_be_honoured_gets_one_reset(
+        self, log_settings: Settings, token: str, reason: str
+    ) -> None:
+        async with serving(log_settings) as server:
+            channel = channel_for(server.settings)
+            try:
+                async with subscription(channel, Request(id=1, resume_token=token)) as stream:
+                    [reset] = await messages(stream, 1)
+                    await server.emit("live")
+                    [live] = await messages(stream, 1)
+                assert (reset.kind, reset.data) == (ResponseKind.RESET, reason)
+                assert live.data == "live"
+            finally:
+                channel.close()
+
+    async def test_events_to_one_id_reach_it_and_wait_for_its_resume(
+        self, log_settings: Settings
+    ) -> None:
+        async with serving(log_settings) as server:
+            channel = channel_for(server.settings)
+            try:
+                async with subscription(channel, 2) as two, subscription(channel, 3) as three:
+                    first = await server.emit("for two", to=2)
+                    await server.emit("for everyone")
+                    assert data(await messages(two, 2)) == ["for two", "for everyone"]
+                    assert data(await messages(three, 1)) == ["for everyone"]
+                await server.emit("while two is away", to=2)
+                resume = Request(id=2, resume_token=first.position.token)
+                async with subscription(channel, resume) as two:
+                    assert data(await messages(two, 2)) == ["for everyone", "while two is away"]
+            finally:
+                channel.close()
+
+    async def test_a_token_older_than_what_is_retained_gets_reset(
+        self, log_settings: Settings
+    ) -> None:
+        # in memory the history holds 5; on Redis the stream is trimmed to about 100
+        small: dict[str, object] = {"replay": ReplaySettings(size=5)}
+        if log_settings.redis.url is not None:
+            small["redis"] = RedisSettings(url=log_settings.redis.url, maxlen=100)
+        async with serving(log_settings, **small) as server:
+            first = await server.emit("the first")
+            for n in range(500):
+                await server.emit(str(n))
+            channel = channel_for(server.settings)
+            try:
+                resume = Request(id=1, resume_token=first.position.token)
+                async with subscription(channel, resume) as stream:
+                    [reset] = await messages(stream, 1)
+                assert reset.kind == ResponseKind.RESET
+                assert reset.data.startswith("resume token older than the retained")
+            finally:
+                channel.close()
+
+
+# ------------------------------------------------------------------------- Redis only
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with redis_server() as server:
+        yield server
+
+
+def on(redis: RedisServer, quiet: Settings) -> Settings:
+    return quiet.model_copy(update={"redis": RedisSettings(url=redis.url)})
+
+
+async def test_a_resume_older_than_the_replicas_history_is_filled_from_redis(
+    redis: RedisServer, base: Settings
+) -> None:
+    async with serving(on(redis, base), replay=ReplaySettings(size=3)) as server:
+        first = await server.emit("0")
+        for n in range(1, 20):
+            await server.emit(str(n))
+        channel = channel_for(server.settings)
+        try:
+            resume = Request(id=1, resume_token=first.position.token)
+            async with subscription(channel, resume) as stream:
+                got = await messages(stream, 19)
+            assert data(got) == [str(n) for n in range(1, 20)]
+        finally:
+            channel.close()
+
+
+async def test_two_replicas_deliver_every_event_in_the_same_order(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base)
+    async with serving(settings) as a, serving(settings) as b, AsyncExitStack() as stack:
+        channels = [channel_for(a.settings), channel_for(b.settings)]
+        for channel in channels:
+            stack.callback(channel.close)
+        streams = [
+            await stack.enter_async_context(subscription(channels[0], 1)),
+            await stack.enter_async_context(subscription(channels[1], 2)),
+        ]
+        for n in range(20):
+            await (a if n % 2 else b).emit(f"{n}")
+        got = [data(await messages(stream, 20)) for stream in streams]
+        assert got[0] == got[1]
+        assert sorted(got[0], key=int) == [str(n) for n in range(20)]
+
+
+async def test_a_client_moved_between_replicas_loses_nothing(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base).model_copy(
+        update={"backoff": BackoffSettings(initial=0.02, max=0.1)}
+    )
+    async with serving(settings) as a, serving(settings) as b:
+        received: list[str] = []
+        client = ResilientClient(1, settings=a.settings)
+        async with client:
+            stream = aiter(client)
+            first = asyncio.ensure_future(anext(stream))
+            async with asyncio.timeout(TIMEOUT):
+                await client.connected.wait()
+            for n in range(10):
+                await a.emit(str(n))
+            async with asyncio.timeout(TIMEOUT):
+                received.append((await first).data)
+                while len(received) < 5:
+                    received.append((await anext(stream)).data)
+        # the app keeps its token and comes back on the other replica while events flow
+        for n in range(10, 20):
+            await b.emit(str(n))
+        moved = ResilientClient(1, settings=b.settings, resume_token=client.token)
+        async with moved:
+            stream = aiter(moved)
+            async with asyncio.timeout(TIMEOUT):
+                while len(received) < 20:
+                    received.append((await anext(stream)).data)
+        assert received == [str(n) for n in range(20)]
+
+
+async def test_redis_restarted_without_its_data_gives_reset_not_silence(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base).model_copy(
+        update={"backoff": BackoffSettings(initial=0.02, max=0.1)}
+    )
+    async with serving(settings) as server:
+        channel = channel_for(server.settings)
+        try:
+            with pytest.raises(GRPCError) as info:
+                async with subscription(channel, Request(id=1, accept_control=True)) as stream:
+                    await server.emit("before")
+                    got = await messages(stream, 2)  # the position, then the event
+                    token = got[-1].token
+                    await redis.restart()  # persistence off: the stream and its epoch are gone
+                    async with asyncio.timeout(TIMEOUT):
+                        while await stream.recv_message() is not None:
+                            pass
+            assert (info.value.status, info.value.message) == (
+                Status.UNAVAILABLE,
+                "the shared event log was lost",
+            )
+            assert server._log is not None
+            async with asyncio.timeout(TIMEOUT):
+                await server._log.connected.wait()  # following the new log
+            resume = Request(id=1, resume_token=token)
+            async with subscription(channel, resume) as stream:
+                [reset] = await messages(stream, 1)
+                await server.emit("after", key="after")  # safe to retry on a new connection
+                [after] = await messages(stream, 1)
+            assert reset.kind == ResponseKind.RESET
+            assert after.data == "after"
+            assert Position.parse(after.token) is not None
+        finally:
+            channel.close()
+
+
+async def test_publishing_while_redis_is_down_fails_clearly(
+    redis: RedisServer, base: Settings
+) -> None:
+    async with serving(on(redis, base)) as server:
+        await redis.kill()
+        with pytest.raises(LogUnavailable, match="cannot append to the event log"):
+            await server.emit("lost?")
+        with pytest.raises(RuntimeError, match="use await emit"):
+            server.publish("sync")
+        await redis.start()
+
+
+async def test_a_retried_publish_with_the_same_key_is_emitted_once_across_replicas(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base)
+    async with serving(settings) as a, serving(settings) as b:
+        channel = channel_for(a.settings)
+        try:
+            async with subscription(channel, 1) as stream:
+                first = await a.emit("once", key="k-1")
+                again = await b.emit("once", key="k-1")  # the retry went to another replica
+                assert (again.position, again.duplicate) == (first.position, True)
+                await a.emit("next")
+                assert data(await messages(stream, 2)) == ["once", "next"]
+        finally:
+            channel.close()
