@@ -9,6 +9,7 @@ import pytest
 
 from longlived import BackoffSettings, Settings, SubscriptionManager
 from tests.helpers import running
+from tests.test_cli import Process
 
 
 @pytest.fixture
@@ -53,3 +54,12 @@ async def server(quiet: Settings, listener: socket.socket) -> AsyncIterator[Subs
     """A started ``SubscriptionManager`` with ``quiet`` settings."""
     async with running(quiet, listener) as manager:
         yield manager
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    """Child processes to kill at teardown (SIGKILL also ends a stopped process)."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        await process.kill()

@@ -30,7 +30,10 @@ from longlived import (
 )
 from longlived.errors import LogUnavailable
 from tests.helpers import channel_for, subscription
+from tests.proxy import proxy_to
 from tests.redis_server import RedisServer, redis_server
+from tests.test_cli import Process, free_port
+from tests.test_transport import KEEPALIVE_FLAGS, client_settings, consuming, serve
 
 TIMEOUT = 15
 
@@ -329,3 +332,31 @@ async def test_a_retried_publish_with_the_same_key_is_emitted_once_across_replic
                 assert data(await messages(stream, 2)) == ["once", "next"]
         finally:
             channel.close()
+
+
+async def test_a_replica_killed_while_events_flow_loses_its_clients_nothing(
+    redis: RedisServer, base: Settings, processes: list[Process]
+) -> None:
+    """Replica A is a real process behind a proxy (the load balancer); kill -9 it, point
+    the proxy at replica B, and its client carries on there from its token."""
+    address = f"127.0.0.1:{free_port()}"
+    processes.append(
+        await serve(address, "--redis.url", redis.url, "--source", "none", *KEEPALIVE_FLAGS)
+    )
+    host, port = address.split(":")
+    async with serving(on(redis, base)) as b, proxy_to((host, int(port))) as (balancer, front):
+        client = ResilientClient(1, settings=client_settings(f"127.0.0.1:{front}"))
+        async with client, consuming([client]) as [consumer]:
+            async with asyncio.timeout(TIMEOUT):
+                await client.connected.wait()
+                for n in range(50):
+                    await b.emit(str(n))  # through Redis to replica A's subscriber
+                await consumer.until(20)
+            await processes[0].kill()  # kill -9, mid-stream
+            assert b.address is not None
+            balancer.upstream = ("127.0.0.1", int(b.address.rpartition(":")[2]))
+            for n in range(50, 100):
+                await b.emit(str(n))
+            async with asyncio.timeout(TIMEOUT):
+                await consumer.until(100)
+        assert consumer.received == [str(n) for n in range(100)]

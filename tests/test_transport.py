@@ -69,15 +69,6 @@ async def serve(address: str, *flags: str) -> Process:
     return server
 
 
-@pytest.fixture
-async def processes() -> AsyncIterator[list[Process]]:
-    """Child processes to kill at teardown (SIGKILL also ends a stopped process)."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        await process.kill()
-
-
 class Consumer:
     """Iterates a ``ResilientClient`` as an app would, recording the data it is handed."""
 
