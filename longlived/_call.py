@@ -133,6 +133,13 @@ class CallHost(Protocol):
         """Emit one event."""
         ...
 
+    async def owner_of(self, id: int) -> str | None:
+        """Who holds ``id`` (see ``Hub.owner``; on every replica with a shared log)."""
+        ...
+
+    async def claim(self, id: int, owner: str) -> None:
+        """Record that ``owner`` holds ``id`` (where the hub alone does not)."""
+
     def refused(self, code: Code, message: str, peer: str) -> None:
         """Count and log a refused call."""
 
@@ -176,9 +183,12 @@ async def admit_request(host: CallHost, transport: CallTransport) -> tuple[Reque
     )
 
 
-def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
+async def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
     """Refuse ``caller`` acting on ``id`` if another caller holds it."""
-    owner = host.hub.owner(id)
+    try:
+        owner = await host.owner_of(id)
+    except LogUnavailable as exc:  # fail closed: nobody's ownership is guessed
+        raise CallError(Code.UNAVAILABLE, str(exc)) from None
     if owner is not None and not host.authorize_unsubscribe(caller, id, owner):
         raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not {action} {id}")
 
@@ -206,7 +216,7 @@ class SubscribeCall(_Call):
         host, transport = self.host, self.transport
         try:
             request, caller = await admit_request(host, transport)
-            self._authorize(request, caller)
+            await self._authorize(request, caller)
         except CallError as exc:
             await self._refuse(exc)
             return
@@ -252,7 +262,7 @@ class SubscribeCall(_Call):
             return False
         return True
 
-    def _authorize(self, request: Request, caller: Caller) -> None:
+    async def _authorize(self, request: Request, caller: Caller) -> None:
         host, id = self.host, request.id
         if not host.accepting:
             raise CallError(Code.UNAVAILABLE, "server shutting down")
@@ -260,10 +270,14 @@ class SubscribeCall(_Call):
             raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
         # taking over an id ends its stream or reads its events: the rule of Unsubscribe,
         # and it holds while the id's events can still be replayed, not only while it is open
-        check_owner(host, caller, id, "take over the subscription")
+        await check_owner(host, caller, id, "take over the subscription")
         limit = host.settings.limits.max_subscribers
         if id not in host.hub and len(host.hub) >= limit:
             raise CallError(Code.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
+        try:
+            await host.claim(id, caller.name)
+        except LogUnavailable as exc:
+            raise CallError(Code.UNAVAILABLE, str(exc)) from None
 
     async def _stream(self, sub: Subscriber, request: Request) -> None:
         """Write ``sub``'s messages (heartbeats when idle) until it ends, then its status."""
@@ -314,7 +328,7 @@ class UnsubscribeCall(_Call):
             request, caller = await admit_request(host, transport)
             sub = host.hub.get(request.id)
             if sub is not None:
-                check_owner(host, caller, request.id, "unsubscribe")
+                await check_owner(host, caller, request.id, "unsubscribe")
         except CallError as exc:
             await self._refuse(exc)
             return

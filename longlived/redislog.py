@@ -10,7 +10,9 @@ back without its data (persistence off) gets a new one, and old positions get RE
 
 Keys (one Redis Cluster slot, thanks to the ``{name}`` hash tag): ``{name}:events`` (the
 stream, trimmed with ``MAXLEN ~``), ``{name}:epoch``, ``{name}:dedup:<key>`` (idempotency
-keys, expiring after the deduplication window).
+keys, expiring after the deduplication window), ``{name}:owner:<id>`` (who holds a
+subscriber id, for ``claim_ttl`` after its last subscribe: an id's events cannot be read by
+another caller on any replica).
 
 Redis going away does not end any stream: the reader logs, backs off and resumes from its
 last entry; publishes fail with ``LogUnavailable``; resumes that need the log answer
@@ -27,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -121,14 +125,23 @@ class RedisLog:
         self.stream = f"{{{name}}}:events"
         self._epoch_key = f"{{{name}}}:epoch"
         self._dedup_prefix = f"{{{name}}}:dedup:"
+        self._owner_prefix = f"{{{name}}}:owner:"
         self._window_ms = max(1, round(dedup_window * 1000))
         self._backoff = backoff
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
-        # a pooled connection idle for a second is pinged before use: one that a Redis
-        # restart broke is replaced instead of failing the next command
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(settings.url, health_check_interval=1)
-        self._append = self._redis.register_script(_APPEND)
+        # reads (and the idempotent writes: owners) retry once on a fresh connection when a
+        # Redis restart broke the pooled one; appends never do (one may have gone through)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url,
+            health_check_interval=1,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
+        self._writes: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url, health_check_interval=1
+        )
+        self._append = self._writes.register_script(_APPEND)
         self._last = "0-0"
         self._reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -144,6 +157,7 @@ class RedisLog:
             epoch, last = await self._position()
         except RedisError as exc:
             await self._redis.aclose()
+            await self._writes.aclose()
             raise LogUnavailable(f"cannot reach the event log at {self._where()}: {exc}") from exc
         self.hub.start_at(epoch, seq_of(last))
         self.hub.backfill = self.backfill
@@ -158,6 +172,7 @@ class RedisLog:
             self._reader.cancel()
             await asyncio.wait([self._reader])
         await self._redis.aclose()
+        await self._writes.aclose()
 
     def _where(self) -> str:
         url = self.settings.url or ""
@@ -204,6 +219,29 @@ class RedisLog:
             raise LogUnavailable(f"cannot append to the event log: {exc}") from exc
         entry, duplicate = cast("list[Any]", answer)
         return Published(Position(self.hub.epoch, seq_of(_text(entry))), bool(duplicate))
+
+    async def owner(self, id: int) -> str | None:
+        """Who holds ``id`` on every replica (recorded by ``claim``), if anyone.
+
+        Raises:
+            LogUnavailable: Redis cannot be reached.
+        """
+        try:
+            owner = await self._redis.get(f"{self._owner_prefix}{id}")
+        except RedisError as exc:
+            raise LogUnavailable(f"cannot read the owner of {id}: {exc}") from exc
+        return _text(owner) if owner is not None else None
+
+    async def claim(self, id: int, owner: str) -> None:
+        """Record ``owner`` as the holder of ``id`` for ``claim_ttl`` seconds from now.
+
+        Raises:
+            LogUnavailable: Redis cannot be reached.
+        """
+        try:
+            await self._redis.set(f"{self._owner_prefix}{id}", owner, ex=self.settings.claim_ttl)
+        except RedisError as exc:
+            raise LogUnavailable(f"cannot record the owner of {id}: {exc}") from exc
 
     # ------------------------------------------------------------------ reading
 

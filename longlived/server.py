@@ -258,6 +258,22 @@ class SubscriptionManager:
         """
         return not caller.authenticated or caller.name == owner
 
+    async def owner_of(self, id: int) -> str | None:
+        """Who holds ``id``: see ``Hub.owner``; with a shared log, as recorded in Redis
+        (every replica sees the same owner).
+
+        Raises:
+            LogUnavailable: the shared log cannot be read (the call is refused).
+        """
+        if self._log is not None:
+            return await self._log.owner(id) or self.hub.owner(id)
+        return self.hub.owner(id)
+
+    async def claim(self, id: int, owner: str) -> None:
+        """Record ``owner`` as the holder of ``id`` (in Redis, with a shared log)."""
+        if self._log is not None:
+            await self._log.claim(id, owner)
+
     def authorize_publish(self, caller: Caller, request: PublishRequest) -> bool:
         """Whether ``caller`` may publish ``request``.
 

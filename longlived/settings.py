@@ -288,6 +288,12 @@ class RedisSettings(BaseModel):
         description="events the stream keeps (XADD MAXLEN ~): how far back a client can resume",
     )  # fmt: skip
 
+    claim_ttl: int = Field(
+        86_400, ge=1, le=365 * 86_400,
+        description="seconds a subscriber id stays owned by its caller after its last "
+        "subscribe (auth on): cover how long its events stay in the stream",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _url_scheme(self) -> RedisSettings:
         if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):

@@ -17,6 +17,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived import (
+    AuthSettings,
     BackoffSettings,
     Position,
     RedisSettings,
@@ -26,6 +27,7 @@ from longlived import (
     Response,
     ResponseKind,
     Settings,
+    SubscriptionClosed,
     SubscriptionManager,
 )
 from longlived.errors import LogUnavailable
@@ -360,3 +362,35 @@ async def test_a_replica_killed_while_events_flow_loses_its_clients_nothing(
             async with asyncio.timeout(TIMEOUT):
                 await consumer.until(100)
         assert consumer.received == [str(n) for n in range(100)]
+
+
+async def test_ownership_of_an_id_holds_on_every_replica(
+    redis: RedisServer, base: Settings
+) -> None:
+    """Alice's events sent to her id cannot be read by Bob through another replica."""
+    auth = AuthSettings(tokens={"tok-a": "alice", "tok-b": "bob"})
+    settings = on(redis, base).model_copy(update={"auth": auth})
+    async with serving(settings) as a, serving(settings) as b:
+        alice = ResilientClient(7, settings=a.settings.model_copy(
+            update={"auth": AuthSettings(token="tok-a")}))  # fmt: skip
+        async with alice:
+            stream = aiter(alice)
+            first = asyncio.ensure_future(anext(stream))
+            async with asyncio.timeout(TIMEOUT):
+                await alice.connected.wait()
+                secret = await a.emit("alice's secret", to=7)
+                assert (await first).data == "alice's secret"
+        bob = ResilientClient(
+            7,
+            settings=b.settings.model_copy(update={"auth": AuthSettings(token="tok-b")}),
+            resume_token=f"{secret.position.epoch}:0",
+        )
+        async with bob:
+            with pytest.raises(SubscriptionClosed) as info:
+                async with asyncio.timeout(TIMEOUT):
+                    async for response in bob:
+                        assert response.data != "alice's secret"
+        assert (info.value.status, info.value.detail) == (
+            "PERMISSION_DENIED",
+            "bob may not take over the subscription 7",
+        )
