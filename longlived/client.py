@@ -24,27 +24,29 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Map
 from types import TracebackType
 from typing import Literal, Self
 
-from grpclib.const import Cardinality, Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError
 
+from longlived._connect import (
+    RETRYABLE_ERRORS,
+    RETRYABLE_STATUSES,
+    call_metadata,
+    describe,
+    open_channel,
+    pause,
+)
 from longlived._proto.longlived import Request, Response, ResponseKind
-from longlived._transport import ResilientChannel, grpc_config
+from longlived._transport import ResilientChannel
 from longlived._wire import HEARTBEAT_HEADER, MAX_ID, NO_RETRY_HEADER, check_topics
 from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.events import Position
 from longlived.metrics import Sample, client_samples
-from longlived.settings import Settings, parse_address
-from longlived.tls import client_context
+from longlived.settings import Settings
 
 __all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
 
 log = logging.getLogger(__name__)
-
-RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED})
-"""Statuses after which the client subscribes again instead of giving up."""
-
-_RETRYABLE_ERRORS = (StreamTerminatedError, ProtocolError, OSError, TimeoutError)
 
 
 class ResilientClient:
@@ -118,9 +120,7 @@ class ResilientClient:
         self._position = Position.parse(resume_token)
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
-        self._metadata = dict(metadata or {})
-        if self.settings.auth.token is not None:
-            self._metadata.setdefault("authorization", f"Bearer {self.settings.auth.token}")
+        self._metadata = call_metadata(self.settings, metadata)
         self._channel: ResilientChannel | None = None
         self._iterator: AsyncGenerator[Response, None] | None = None
         self._closed = False
@@ -158,15 +158,7 @@ class ResilientClient:
 
     def _get_channel(self) -> ResilientChannel:
         if self._channel is None:
-            host, port = parse_address(self.settings.address)
-            self._channel = ResilientChannel(
-                host,
-                port,
-                ssl=client_context(self.settings.tls),
-                config=grpc_config(
-                    self.settings.keepalive, server_name=self.settings.tls.server_name
-                ),
-            )
+            self._channel = open_channel(self.settings)
         return self._channel
 
     def _drop_channel(self) -> None:
@@ -218,7 +210,7 @@ class ResilientClient:
                 error: BaseException = exc
             except ssl.SSLCertVerificationError as exc:
                 raise TlsError(f"{self.settings.address}: {exc.verify_message or exc}") from exc
-            except _RETRYABLE_ERRORS as exc:
+            except RETRYABLE_ERRORS as exc:
                 error = exc
             if self._closed:
                 return
@@ -231,20 +223,12 @@ class ResilientClient:
             if limit and attempt >= limit:
                 raise RetriesExhausted(attempt, error) from error
             delay = self.backoff.compute(attempt - 1, self._rng)
-            log.warning(
-                "Client ID %d: %s; resubscribing in %.2fs", self.id, _describe(error), delay
-            )
+            log.warning("Client ID %d: %s; resubscribing in %.2fs", self.id, describe(error), delay)
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if the client is closed meanwhile."""
-        sleeper = asyncio.ensure_future(self._sleep(delay))
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            stopper.cancel()
+        await pause(self._sleep, delay, self._stop)
 
     async def _stream_once(self) -> AsyncGenerator[Response, None]:
         channel = self._get_channel()
@@ -385,11 +369,3 @@ class ResilientClient:
 def _milliseconds(period: float) -> int:
     """``period`` seconds in whole milliseconds; never 0 for a period > 0 (0 asks for none)."""
     return max(round(period * 1000), 1) if period > 0 else 0
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, GRPCError):
-        return f"stream ended with {error.status.name} ({error.message})"
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
