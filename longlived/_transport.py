@@ -15,7 +15,8 @@ Everything grpclib 0.4 does not offer as public API lives here, and
   holds at most about that much per connection in userspace buffers;
 - GOAWAY, drain and the registry of open connections;
 - ``ResilientChannel``: grpclib's client ``Channel``, never reusing a closing connection
-  and stopping a connect that ``close()`` overtakes.
+  and stopping a connect that ``close()`` overtakes; ``final_metadata``: the trailers of a
+  call the server ended while its request was still being sent.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ import betterproto2
 import grpclib.const
 import grpclib.server
 from grpclib.client import Channel
+from grpclib.client import Stream as ClientStream
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
-from grpclib.metadata import encode_grpc_message
+from grpclib.metadata import decode_metadata, encode_grpc_message
 from grpclib.protocol import Connection, H2Protocol
 from grpclib.protocol import Stream as H2Stream
 from h2.errors import ErrorCodes
@@ -64,6 +66,7 @@ __all__ = [
     "ResilientChannel",
     "Servable",
     "StreamCall",
+    "final_metadata",
     "grpc_config",
     "guarded",
     "longlived_mapping",
@@ -926,3 +929,21 @@ class ResilientChannel(Channel):
         """Close the connection, or stop the one being made."""
         self._closing.set()
         super().close()
+
+
+def final_metadata(stream: ClientStream[Any, Any]) -> Mapping[str, str | bytes]:
+    """The trailing metadata of a finished client call, even one the server ended while the
+    request was still being sent.
+
+    A request larger than the stream window is still going out when the server refuses it
+    and resets the stream: grpclib then raises the status from the headers it received, but
+    decodes their metadata only in ``recv_initial_metadata`` / ``recv_trailing_metadata``,
+    which a reset stream no longer runs. A no-retry trailer would be lost.
+    """
+    if stream.trailing_metadata is not None:
+        return stream.trailing_metadata
+    h2_stream = getattr(stream, "_stream", None)  # absent if the request was never sent
+    if h2_stream is None:
+        return {}
+    raw = h2_stream.trailers if h2_stream.trailers is not None else h2_stream.headers
+    return decode_metadata(raw) if raw is not None else {}

@@ -253,3 +253,10 @@ def test_a_new_stream_needs_the_connections_transport() -> None:
     """Why a connection dropped mid-read must stop processing what it already read."""
     assert "self._transport" in inspect.getsource(Connection.create_stream)
     assert "del self._transport" in inspect.getsource(Connection.close)
+
+
+def test_a_client_stream_keeps_the_headers_a_reset_call_received() -> None:
+    """``final_metadata`` reads a reset call's trailers where grpclib raises its status from."""
+    source = inspect.getsource(grpclib.client.Stream._maybe_raise)
+    assert "self._stream.trailers" in source
+    assert "self._stream.headers" in source
