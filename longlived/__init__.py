@@ -18,12 +18,15 @@ from longlived.client import RETRYABLE_STATUSES, ResilientClient
 from longlived.errors import (
     ConfigError,
     LonglivedError,
+    PublishRefused,
     ResumeExpired,
     RetriesExhausted,
     SubscriptionClosed,
     TlsError,
 )
+from longlived.events import Published
 from longlived.hub import EndReason, Event, Hub, Kind, Position, Subscriber
+from longlived.publisher import Publisher
 from longlived.server import PACKAGES, SubscriptionManager
 from longlived.settings import (
     AuthSettings,
@@ -32,6 +35,7 @@ from longlived.settings import (
     KeepaliveSettings,
     LimitSettings,
     MetricsSettings,
+    PublishSettings,
     QueueSettings,
     RedisSettings,
     ReplaySettings,
@@ -60,6 +64,10 @@ __all__ = [
     "LonglivedStub",
     "MetricsSettings",
     "Position",
+    "PublishRefused",
+    "PublishSettings",
+    "Published",
+    "Publisher",
     "QueueSettings",
     "RedisSettings",
     "ReplaySettings",

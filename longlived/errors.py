@@ -5,9 +5,11 @@
     LonglivedError
     ├── ConfigError          invalid settings (names the variable and what is allowed)
     ├── SubscriptionClosed   the server ended the stream with a status that is not retried
+    ├── PublishRefused       the server refused a publish with a status that is not retried
     ├── ResumeExpired        the server could not resume: events were lost, resync (RESET)
     ├── TlsError             the server's certificate failed verification (not retried)
-    ├── RetriesExhausted     the client gave up after ``backoff.max_attempts`` failures
+    ├── RetriesExhausted     the client or publisher gave up retrying (``backoff.max_attempts``
+    │                        failures, or a publish's retries outlasting ``publish.dedup_window``)
     └── LogUnavailable       the shared event log (Redis) cannot be reached right now
 """
 
@@ -17,6 +19,7 @@ __all__ = [
     "ConfigError",
     "LogUnavailable",
     "LonglivedError",
+    "PublishRefused",
     "ResumeExpired",
     "RetriesExhausted",
     "SubscriptionClosed",
@@ -34,6 +37,27 @@ class ConfigError(LonglivedError, ValueError):
 
 class SubscriptionClosed(LonglivedError):
     """The server ended a subscription with a status the client does not retry.
+
+    Attributes:
+        status: the gRPC status name (for example ``"PERMISSION_DENIED"``).
+        detail: the status message the server sent, if any.
+    """
+
+    def __init__(self, status: str, detail: str | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{status}: {detail}" if detail else status)
+
+
+class PublishRefused(LonglivedError):
+    """The server refused a publish with a status that resending it cannot change.
+
+    For example ``PERMISSION_DENIED`` (the caller is not in ``auth.publishers``),
+    ``UNAUTHENTICATED``, ``INVALID_ARGUMENT`` (the message names the problem),
+    ``RESOURCE_EXHAUSTED`` marked not to be retried (the event exceeds
+    ``limits.max_event_size``) or ``UNIMPLEMENTED`` (a server without the Publish RPC, such
+    as the original example's). The refused attempt emitted nothing (an earlier attempt of
+    the same publish, whose answer was lost on the way, may have).
 
     Attributes:
         status: the gRPC status name (for example ``"PERMISSION_DENIED"``).
@@ -66,7 +90,12 @@ class ResumeExpired(LonglivedError):
 
 
 class RetriesExhausted(LonglivedError):
-    """The client failed ``attempts`` times in a row and stopped retrying."""
+    """The client or publisher failed ``attempts`` times in a row and stopped retrying.
+
+    Attributes:
+        attempts: how many attempts failed.
+        last: the failure of the last one.
+    """
 
     def __init__(self, attempts: int, last: BaseException | None) -> None:
         self.attempts = attempts

@@ -19,6 +19,8 @@ class _Link:
     server: asyncio.StreamWriter | None = None
     armed: bool = False
     """Cut at the next chunk the server sends."""
+    muted: bool = False
+    """Drop what the server sends instead of forwarding it."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def abort(self) -> None:
@@ -35,7 +37,8 @@ class Proxy:
     then waits in its connect, as behind a TLS server that is slow to answer); ``cut()``
     cuts every open connection in the middle of the next chunk the server sends on it:
     part of the chunk is forwarded, then both sides are aborted, so the client is left
-    with a partial HTTP/2 frame.
+    with a partial HTTP/2 frame. ``mute()`` drops whatever the server sends on the open
+    connections from then on, as answers lost on the way are.
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -68,6 +71,12 @@ class Proxy:
         for link in self._links:
             link.armed = True
         await self.until(cuts=self.cuts + 1)
+
+    def mute(self) -> None:
+        """Forward nothing more the server sends on the open connections (new ones are not
+        muted): requests still reach the server, its answers never reach the client."""
+        for link in self._links:
+            link.muted = True
 
     def abort_all(self) -> None:
         """Drop every connection."""
@@ -108,6 +117,8 @@ class Proxy:
 
     async def _down(self, reader: asyncio.StreamReader, link: _Link) -> None:
         while chunk := await reader.read(CHUNK):
+            if link.muted:
+                continue
             if link.armed:
                 # never the whole chunk, and a different share each time: 1/3, 2/3, all but
                 # the last byte (the last frame is then always incomplete)

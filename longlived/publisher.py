@@ -1,0 +1,273 @@
+"""``Publisher``: emit events on a longlived server from another process, each one once.
+
+A publish is one ``Publish`` call carrying an idempotency key. When an attempt fails for a
+reason worth retrying (nothing listening, the connection broke, even after the server
+emitted the event but before its answer came back, the server is shutting down, the attempt
+took longer than ``publish.timeout``) the publisher waits a jittered backoff delay and sends
+the same request again, with the same key: a server that already emitted the event answers
+with the first position (``duplicate``) instead of emitting it twice.
+
+Retrying is bounded twice: by ``backoff.max_attempts`` failed attempts (0: no limit of its
+own), and always by ``publish.dedup_window``: no attempt is made that could end later than
+that many seconds after the first one began, because past the window the server may have
+forgotten the key and a retry could emit the event a second time. With the defaults a
+publish keeps trying for about two minutes through a server restart, then raises
+``RetriesExhausted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Self
+
+import betterproto2
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError, ProtocolError
+
+from longlived._connect import (
+    RETRYABLE_ERRORS,
+    RETRYABLE_STATUSES,
+    call_metadata,
+    describe,
+    open_channel,
+    pause,
+)
+from longlived._proto.google.protobuf import Any as ProtoAny
+from longlived._proto.longlived import PublishReply, PublishRequest
+from longlived._transport import ResilientChannel, final_metadata
+from longlived._wire import MAX_ID, NO_RETRY_HEADER
+from longlived.backoff import Backoff
+from longlived.errors import PublishRefused, RetriesExhausted, TlsError
+from longlived.events import Position, Published
+from longlived.settings import Settings
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger(__name__)
+
+PUBLISH_PATH = "/longlived.Longlived/Publish"
+"""The Publish RPC exists in the ``longlived`` package only (the original proto has none)."""
+
+
+class Publisher:
+    """Publishes events on a longlived server, retrying without ever emitting one twice.
+
+    ::
+
+        async with Publisher(settings=Settings()) as publisher:
+            published = await publisher.publish("price changed", topic="orders")
+            print(published.position.token)
+            await publisher.publish("your order has shipped", to=7)
+
+    Every publish carries an idempotency key, a fresh random one unless ``key`` is given,
+    and every retry of it carries the same key, so the server emits it once (see the module
+    docstring for when retrying stops). The publisher connects on its first publish;
+    publishes from several tasks share its one connection.
+
+    Args:
+        settings: address, TLS, keepalive, ``auth.token``, ``backoff`` and ``publish``
+            (``timeout`` per attempt; ``dedup_window``, which should be the server's).
+        rng: randomness for backoff jitter (seed it for determinism).
+        sleep: the sleep used between attempts (injected by tests).
+        clock: the monotonic clock the retry budget is measured with (injected by tests).
+        metadata: extra request metadata (for example an ``authorization`` header).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.backoff: Backoff = self.settings.backoff.to_backoff()
+        self.published = 0
+        """Publishes the server answered (duplicates included)."""
+        self.retries = 0
+        """Attempts made again after a failure worth retrying."""
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
+        self._clock = clock
+        self._metadata = call_metadata(self.settings, metadata)
+        self._channel: ResilientChannel | None = None
+        self._closed = False
+        self._stop = asyncio.Event()
+
+    async def publish(
+        self,
+        data: str = "",
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: betterproto2.Message | None = None,
+        key: str | None = None,
+    ) -> Published:
+        """Emit one event: to every subscriber matching ``topic``, or to the subscriber ``to``.
+
+        Args:
+            data: the text payload (``Response.data``).
+            topic: the topic to publish on ("": subscribers without topics get it).
+            to: the one subscriber id to send to (then ``topic`` must be empty).
+            payload: a ``google.protobuf.Any`` message (longlived's or the app's generated
+                class), passed to subscribers as it is.
+            key: the idempotency key; None picks a fresh random one. A publish with a key
+                the server saw within its window is not emitted again.
+
+        Returns:
+            The event's position; ``duplicate`` when the server had already emitted an
+            event with this key (an earlier attempt whose answer was lost, or an earlier
+            publish with the same ``key``), whose position it is.
+
+        Raises:
+            PublishRefused: the server refused the event with a status that retrying
+                cannot change (``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ...).
+            RetriesExhausted: every attempt allowed failed.
+            TlsError: the server's certificate failed verification.
+            ValueError: ``to`` is outside 0..2**31-1 or ``key`` is empty.
+            TypeError: ``payload`` is not a ``google.protobuf.Any``.
+            RuntimeError: the publisher is closed, or was closed during the publish (the
+                event may or may not have been emitted).
+        """
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        if to is not None and not 0 <= to <= MAX_ID:
+            # protobuf would silently keep the low 32 bits: 2**32 + 5 would go to 5
+            raise ValueError(f"subscriber id {to} is out of range: it must be from 0 to {MAX_ID}")
+        if key == "":
+            raise ValueError("an idempotency key must not be empty (None picks a fresh one)")
+        request = PublishRequest(
+            data=data,
+            topic=topic,
+            to=to,
+            idempotency_key=key if key is not None else uuid.uuid4().hex,
+            payload=_as_any(payload),
+        )
+        reply = await self._send(request)
+        self.published += 1
+        return Published(_position(reply), reply.duplicate)
+
+    async def _send(self, request: PublishRequest) -> PublishReply:
+        """Attempt ``request`` until it is answered, refused or out of attempts."""
+        key = request.idempotency_key
+        deadline = self._clock() + self.settings.publish.dedup_window
+        attempt = 0
+        while True:
+            if self._closed:
+                raise RuntimeError("publisher is closed")
+            channel = self._get_channel()
+            try:
+                reply = await self._attempt(channel, request)
+            except GRPCError as exc:
+                if exc.status not in RETRYABLE_STATUSES:
+                    raise PublishRefused(exc.status.name, exc.message) from exc
+                error: BaseException = exc
+            except ssl.SSLCertVerificationError as exc:
+                raise TlsError(f"{self.settings.address}: {exc.verify_message or exc}") from exc
+            except RETRYABLE_ERRORS as exc:
+                error = exc
+            else:
+                if attempt:
+                    log.info("Publish %s: answered after %d failed attempts", key, attempt)
+                return reply
+            self._drop_channel(channel)
+            if self._closed:
+                raise RuntimeError(
+                    "publisher closed while publishing: the event may or may not have been emitted"
+                ) from error
+            attempt += 1
+            delay = self.backoff.compute(attempt - 1, self._rng)
+            limit = self.settings.backoff.max_attempts
+            # the next attempt must end while the server still remembers the key
+            too_late = self._clock() + delay + self.settings.publish.timeout > deadline
+            if (limit and attempt >= limit) or too_late:
+                raise RetriesExhausted(attempt, error) from error
+            self.retries += 1
+            log.warning("Publish %s: %s; retrying in %.2fs", key, describe(error), delay)
+            await pause(self._sleep, delay, self._stop)
+
+    async def _attempt(self, channel: ResilientChannel, request: PublishRequest) -> PublishReply:
+        """One Publish call, within ``publish.timeout``."""
+        async with asyncio.timeout(self.settings.publish.timeout):
+            stream = channel.request(
+                PUBLISH_PATH, Cardinality.UNARY_UNARY, PublishRequest, PublishReply,
+                metadata=self._metadata or None,
+            )  # fmt: skip
+            try:
+                async with stream:
+                    await stream.send_message(request, end=True)
+                    reply = await stream.recv_message()
+            except GRPCError as exc:
+                # raised on the way out too: a large request is refused while still being sent
+                if NO_RETRY_HEADER in final_metadata(stream):
+                    raise PublishRefused(exc.status.name, exc.message) from exc
+                raise
+        if reply is None:
+            raise ProtocolError("the server ended the Publish call without an answer")
+        return reply
+
+    def _get_channel(self) -> ResilientChannel:
+        if self._channel is None:
+            self._channel = open_channel(self.settings)
+        return self._channel
+
+    def _drop_channel(self, channel: ResilientChannel) -> None:
+        """Close ``channel`` after a failure; the next attempt opens a new connection."""
+        if self._channel is channel:
+            self._channel = None
+        channel.close()  # publishes in flight on it fail too, and retry with their own keys
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent.
+
+        A publish still in flight in another task raises ``RuntimeError``; its event may or
+        may not have been emitted.
+        """
+        self._closed = True
+        self._stop.set()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _as_any(payload: betterproto2.Message | None) -> ProtoAny | None:
+    """``payload`` as longlived's own ``Any`` class, its bytes unchanged."""
+    if payload is None or isinstance(payload, ProtoAny):
+        return payload
+    descriptor = getattr(type(payload), "DESCRIPTOR", None)
+    if getattr(descriptor, "full_name", None) != "google.protobuf.Any":
+        raise TypeError(
+            f"payload must be a google.protobuf.Any (pack the message into one first), "
+            f"not {type(payload).__name__}"
+        )
+    return ProtoAny.FromString(bytes(payload))  # an app's own generated Any class
+
+
+def _position(reply: PublishReply) -> Position:
+    """The position a reply names."""
+    position = Position.parse(reply.token)
+    if position is None:
+        # the event was emitted: failing now would only make the caller publish it again
+        log.warning("The server answered a token that names no position: %r", reply.token)
+        return Position("", reply.seq)
+    return position
