@@ -1,4 +1,4 @@
-"""The ``longlived`` command: ``serve``, ``clients`` and ``demo``.
+"""The ``longlived`` command: ``serve``, ``clients``, ``demo`` and ``publish``.
 
 Every command takes every setting as a flag (``--interval 0.5``, ``--backoff.max 30``);
 flags override ``LONGLIVED_*`` env vars, which override ``.env``. This is the only module
@@ -12,16 +12,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
+from longlived._wire import MAX_ID
 from longlived.client import ResilientClient
-from longlived.errors import LonglivedError, ResumeExpired
+from longlived.errors import LonglivedError, PublishRefused, ResumeExpired
 from longlived.metrics import client_samples, on_loop, serve_metrics
+from longlived.publisher import Publisher
 from longlived.server import SubscriptionManager
 from longlived.settings import Settings, format_validation_error
 
@@ -29,11 +35,18 @@ __all__ = ["main", "run_clients"]
 
 log = logging.getLogger("longlived")
 
+T = TypeVar("T")
+
 _COMMANDS = {
     "serve": "run the server: the Longlived service plus the mock generator",
     "clients": "run `count` resilient clients (ids 1..count), printing what they receive",
     "demo": "run the server and the clients in one process (Ctrl-C or --duration to stop)",
+    "publish": "publish TEXT as one event, or each line of stdin as one, and print the "
+    "position (token) of each; exits non-zero if a publish is refused or retries run out",
 }
+
+_EVENT_ARGS = ("event_text", "event_topic", "event_to", "event_key")
+"""Namespace entries of ``publish``'s own arguments (no setting has these names)."""
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Settings]]]:
@@ -46,6 +59,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Sett
     sources: dict[str, CliSettingsSource[Settings]] = {}
     for name, text in _COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=text)
+        if name == "publish":
+            _add_event_arguments(sub)
         sources[name] = CliSettingsSource(
             Settings,
             root_parser=sub,
@@ -54,6 +69,38 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Sett
             cli_exit_on_error=False,
         )
     return parser, sources
+
+
+def _add_event_arguments(parser: argparse.ArgumentParser) -> None:
+    """``publish``'s TEXT, ``--topic`` and ``--to``: what to publish, not settings."""
+    parser.add_argument(
+        "event_text", nargs="?", metavar="TEXT",
+        help="the event's data; `-` or none: one event per line of stdin",
+    )  # fmt: skip
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--topic", dest="event_topic", default="", metavar="TOPIC",
+        help="publish on this topic: its subscribers and those with no topics get it "
+        "(`--topics` is the clients' filter, not this)",
+    )  # fmt: skip
+    target.add_argument(
+        "--to", dest="event_to", type=_subscriber_id, metavar="ID",
+        help="send to this one subscriber id only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key", dest="event_key", metavar="KEY",
+        help="idempotency key of TEXT (default: a fresh random one, as for each stdin line): "
+        "run again with the same key within the server's dedup window, nothing is published "
+        "and the first token is printed with `duplicate`",
+    )  # fmt: skip
+
+
+def _subscriber_id(text: str) -> int:
+    if not (text.isascii() and text.isdecimal()) or int(text) > MAX_ID:
+        raise argparse.ArgumentTypeError(
+            f"expected a subscriber id from 0 to {MAX_ID}, got {text!r}"
+        )
+    return int(text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -159,6 +206,121 @@ async def _demo(settings: Settings, stop: asyncio.Event) -> None:
         await run_clients(settings.model_copy(update={"address": manager.address}), stop)
 
 
+class _Lines:
+    """The lines of a text stream, read one at a time, on demand, by a daemon thread.
+
+    asyncio cannot watch a regular file (``longlived publish < events.txt``), and a worker
+    of the default executor blocked in ``readline`` on a terminal would hold up the exit.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._wanted: queue.SimpleQueue[asyncio.Future[str]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def next(self) -> asyncio.Future[str]:
+        """The next line, with its line break ("" at the end); cancel it to stop waiting."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read, name="longlived-stdin", daemon=True)
+            self._thread.start()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._wanted.put(future)
+        return future
+
+    def _read(self) -> None:
+        while True:
+            future = self._wanted.get()
+            try:
+                result: str | BaseException = self._stream.readline()
+            except Exception as exc:  # handed to the reader, raised there
+                result = exc
+            try:
+                future.get_loop().call_soon_threadsafe(_settle, future, result)
+            except RuntimeError:  # the loop is closed: nobody waits for lines any more
+                return
+
+
+def _settle(future: asyncio.Future[str], result: str | BaseException) -> None:
+    if future.done():  # the reader stopped waiting
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+async def _unless_stopped(future: asyncio.Future[T], stop: asyncio.Event) -> T | None:
+    """The result of ``future``, or None (and ``future`` cancelled) once ``stop`` is set."""
+    stopper: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((future, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        future.cancel()  # a no-op once it is done
+    return None if future.cancelled() else future.result()
+
+
+@dataclass
+class _Publish:
+    """The ``publish`` command: what to publish, and how it went."""
+
+    text: str | None
+    topic: str
+    to: int | None
+    key: str | None = None
+    failure: str | None = None
+    """Why it stopped early (a refusal, retries exhausted), for the last line of stderr."""
+    done: bool = False
+    """It ran to its end (False: a second signal cut a publish short)."""
+    line: int = 0
+    """The stdin line being published."""
+
+    async def __call__(self, settings: Settings, stop: asyncio.Event) -> None:
+        async with Publisher(settings=settings) as publisher:
+            if self.text is not None and self.text != "-":
+                await self._one(publisher, self.text, self.key)
+            else:
+                await self._lines(publisher, _Lines(sys.stdin), stop)
+        self.done = True
+
+    async def _lines(self, publisher: Publisher, lines: _Lines, stop: asyncio.Event) -> None:
+        """Publish each line until the end, a failure or ``stop`` (which stops the reading;
+        the event being published still goes out)."""
+        while self.failure is None:
+            try:
+                line = await _unless_stopped(lines.next(), stop)
+            except (OSError, ValueError) as exc:  # unreadable, or not text
+                self.failure = f"cannot read stdin: {exc}"
+                return
+            if not line:
+                return
+            self.line += 1
+            await self._one(publisher, line.rstrip("\r\n"))
+
+    async def _one(self, publisher: Publisher, data: str, key: str | None = None) -> None:
+        try:
+            published = await publisher.publish(data, topic=self.topic, to=self.to, key=key)
+        except PublishRefused as exc:
+            self.failure = f"publish refused: {exc}"
+        except LonglivedError as exc:
+            self.failure = f"publish failed: {exc}"
+        else:
+            print(published.position.token + (" duplicate" if published.duplicate else ""),
+                  flush=True)  # fmt: skip
+
+    def outcome(self) -> int:
+        """Report a failure on stderr; the exit code."""
+        where = f"line {self.line}: " if self.line else ""
+        if not self.done:
+            print(f"longlived: {where}interrupted: that event may or may not have been "
+                  "published", file=sys.stderr)  # fmt: skip
+            return 1
+        if self.failure is not None:
+            print(f"longlived: {where}{self.failure}", file=sys.stderr)
+            return 1
+        return 0
+
+
 def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings) -> None:
     """Run ``command`` until SIGINT/SIGTERM or ``settings.duration``; a second signal aborts."""
 
@@ -191,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, sources = _parser()
     try:
         namespace = parser.parse_args(argv)
+        event = {name: vars(namespace).pop(name, None) for name in _EVENT_ARGS}
+        if event["event_key"] is not None and event["event_text"] in (None, "-"):
+            parser.error("publish: --key needs TEXT (each stdin line gets a key of its own)")
+        if event["event_key"] == "":
+            parser.error("publish: --key must not be empty")
         settings = Settings(_cli_settings_source=sources[namespace.command](parsed_args=namespace))
     except ValidationError as exc:
         for line in format_validation_error(exc).splitlines():
@@ -200,10 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"longlived: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level, settings.log_format)
-    commands = {"serve": _serve, "clients": _clients, "demo": _demo}
+    publish = _Publish(
+        event["event_text"], event["event_topic"] or "", event["event_to"], event["event_key"]
+    )
+    commands: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {
+        "serve": _serve, "clients": _clients, "demo": _demo, "publish": publish,
+    }  # fmt: skip
     try:
         _run(commands[namespace.command], settings)
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    return 0
+    return publish.outcome() if namespace.command == "publish" else 0

@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from longlived import AuthSettings, LimitSettings, Request, Settings, SubscriptionManager
+from longlived.cli import main
+from tests.helpers import Subscription, channel_for, receive, running, subscription
+
 TIMEOUT = 20
 GOT = re.compile(r'Client ID (\d+) got response: "data mock for: (\d+)"')
 
@@ -147,3 +151,159 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+# -------------------------------------------------------------------- publish
+
+
+async def publish(*args: str, stdin: bytes | None = None) -> tuple[int, list[str], list[str]]:
+    """Run ``longlived publish *args``: its exit code, stdout lines and stderr lines."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "longlived", "publish", *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().splitlines(), err.decode().splitlines()
+
+
+async def events(stream: Subscription, count: int) -> list[tuple[str, str]]:
+    """``(data, token)`` of the next ``count`` messages on ``stream``."""
+    received: list[tuple[str, str]] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(received) < count:
+            message = await stream.recv_message()
+            assert message is not None
+            received.append((message.data, message.token))
+    return received
+
+
+async def test_publish_text_on_a_topic(server: SubscriptionManager, quiet: Settings) -> None:
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, Request(id=1, topics=["news"])) as stream:
+            code, out, err = await publish(
+                "hello, world", "--topic", "news", "--address", quiet.address
+            )
+            assert (code, len(out)) == (0, 1), err
+            assert await events(stream, 1) == [("hello, world", out[0])]
+    finally:
+        channel.close()
+    assert "Traceback" not in "\n".join(err)
+
+
+async def test_publish_text_to_one_id(server: SubscriptionManager, quiet: Settings) -> None:
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, 7) as seven, subscription(channel, 8) as eight:
+            code, out, err = await publish("for 7", "--to", "7", "--address", quiet.address)
+            assert (code, len(out)) == (0, 1), err
+            assert await events(seven, 1) == [("for 7", out[0])]
+            server.send(8, "for 8")
+            assert await receive(eight, 1) == ["for 8"]  # 8's next message is its own
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("text", [[], ["-"]], ids=["no-text", "dash"])
+async def test_publish_one_event_per_line_of_stdin(
+    server: SubscriptionManager, quiet: Settings, text: list[str]
+) -> None:
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, 3) as stream:
+            code, out, err = await publish(
+                *text, "--to", "3", "--address", quiet.address, stdin=b"one\ntwo\r\nthree\n"
+            )
+            assert (code, len(out)) == (0, 3), err
+            assert await events(stream, 3) == list(zip(["one", "two", "three"], out, strict=True))
+    finally:
+        channel.close()
+
+
+async def test_publish_again_with_the_same_key_prints_duplicate(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    args = ("paid", "--topic", "orders", "--key", "order-42-paid", "--address", quiet.address)
+    first = await publish(*args)
+    again = await publish(*args)
+    assert (first[0], again[0]) == (0, 0)
+    assert again[1] == [f"{first[1][0]} duplicate"]
+    assert server.hub.head.seq == 1  # emitted once
+
+
+async def test_a_refused_publish_exits_non_zero_with_the_reason(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    secured = quiet.model_copy(
+        update={
+            "auth": AuthSettings(tokens={"t-alice": "alice", "t-bob": "bob"}, publishers=["alice"])
+        }
+    )
+    async with running(secured, listener) as server:
+        code, out, err = await publish("hi", "--address", quiet.address, "--auth.token", "t-bob")
+        assert server.rejected == {"PERMISSION_DENIED": 1}  # refused once, not retried
+    assert (code, out) == (1, [])
+    assert err[-1] == "longlived: publish refused: PERMISSION_DENIED: bob may not publish"
+    assert "Traceback" not in "\n".join(err)
+
+
+async def test_publishing_stdin_stops_at_the_first_refused_line(
+    listener: socket.socket, quiet: Settings
+) -> None:
+    small = quiet.model_copy(update={"limits": LimitSettings(max_event_size=64)})
+    lines = b"fits\n" + b"x" * 100 + b"\nnever sent\n"
+    async with running(small, listener) as server:
+        code, out, err = await publish("--address", quiet.address, stdin=lines)
+        assert server.hub.head.seq == 1  # only the first line was emitted
+    assert (code, len(out)) == (1, 1)
+    assert re.fullmatch(
+        r"longlived: line 2: publish refused: RESOURCE_EXHAUSTED: "
+        r"request of \d+ bytes exceeds the limit of 64",
+        err[-1],
+    )
+
+
+async def test_publish_gives_up_when_retries_run_out() -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    code, out, err = await publish(
+        "hi", "--address", address, "--backoff.max-attempts", "2", "--backoff.initial", "0.05"
+    )
+    assert (code, out) == (1, [])
+    assert err[-1].startswith("longlived: publish failed: gave up after 2 failed attempts")
+    assert any("retrying in" in line for line in err)  # the retry was logged
+
+
+def test_publish_help_names_its_arguments_beside_the_settings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["publish", "--help"])
+    assert info.value.code == 0
+    help = capsys.readouterr().out
+    for flag in ("TEXT", "--topic TOPIC", "--to ID", "--key KEY", "--topics", "--publish.timeout"):
+        assert flag in help, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hi", "--topic", "t", "--to", "3"], "not allowed with argument"),
+        (["hi", "--to", "-3"], "expected a subscriber id from 0 to 2147483647"),
+        (["--key", "k"], "--key needs TEXT"),
+    ],
+)
+def test_publish_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["publish", *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
