@@ -257,7 +257,8 @@ class PublishSettings(BaseModel):
     dedup_window: float = Field(
         120.0, gt=0, le=86_400,
         description="server: a publish retried with the same idempotency key within this many "
-        "seconds is emitted once",
+        "seconds is emitted once; publisher: no retry may end later than this after a "
+        "publish's first attempt (give it the server's value)",
     )  # fmt: skip
     dedup_max_keys: int = Field(
         100_000, ge=1, le=10_000_000,
