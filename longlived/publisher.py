@@ -179,7 +179,10 @@ class Publisher:
                 if attempt:
                     log.info("Publish %s: answered after %d failed attempts", key, attempt)
                 return reply
-            self._drop_channel(channel)
+            if not isinstance(error, GRPCError):
+                # the connection failed; a status came over a working one (a server that is
+                # draining closes it with GOAWAY itself)
+                self._drop_channel(channel)
             if self._closed:
                 raise RuntimeError(
                     "publisher closed while publishing: the event may or may not have been emitted"

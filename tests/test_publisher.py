@@ -325,9 +325,12 @@ async def test_passing_statuses_are_retried_with_the_same_key(
     server = await start_script(listener, script)
     sleeps = Sleeps()
     try:
-        async with Publisher(settings=settings, sleep=sleeps) as publisher:
-            async with asyncio.timeout(TIMEOUT):
-                published = await publisher.publish("hello")
+        async with proxy_to((settings.host, settings.port)) as (proxy, port):
+            via_proxy = settings.model_copy(update={"address": f"127.0.0.1:{port}"})
+            async with Publisher(settings=via_proxy, sleep=sleeps) as publisher:
+                async with asyncio.timeout(TIMEOUT):
+                    published = await publisher.publish("hello")
+            assert proxy.accepted == 1  # a status is no reason to drop the connection
     finally:
         await stop(server)
     assert published.position.token == "e:1"
