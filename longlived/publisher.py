@@ -188,15 +188,20 @@ class Publisher:
                     "publisher closed while publishing: the event may or may not have been emitted"
                 ) from error
             attempt += 1
-            delay = self.backoff.compute(attempt - 1, self._rng)
-            limit = self.settings.backoff.max_attempts
-            # the next attempt must end while the server still remembers the key
-            too_late = self._clock() + delay + self.settings.publish.timeout > deadline
-            if (limit and attempt >= limit) or too_late:
-                raise RetriesExhausted(attempt, error) from error
+            delay = self._delay(attempt, error, deadline)
             self.retries += 1
             log.warning("Publish %s: %s; retrying in %.2fs", key, describe(error), delay)
             await pause(self._sleep, delay, self._stop)
+
+    def _delay(self, failed: int, error: BaseException, deadline: float) -> float:
+        """The backoff before the next attempt, or ``RetriesExhausted`` if there is none."""
+        delay = self.backoff.compute(failed - 1, self._rng)
+        limit = self.settings.backoff.max_attempts
+        # the next attempt must end while the server still remembers the key
+        too_late = self._clock() + delay + self.settings.publish.timeout > deadline
+        if (limit and failed >= limit) or too_late:
+            raise RetriesExhausted(failed, error) from error
+        return delay
 
     async def _attempt(self, channel: ResilientChannel, request: PublishRequest) -> PublishReply:
         """One Publish call, within ``publish.timeout``."""
