@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from longlived import AuthSettings, LimitSettings, Request, Settings, SubscriptionManager
-from longlived.cli import main
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
@@ -281,13 +280,10 @@ async def test_publish_gives_up_when_retries_run_out() -> None:
     assert any("retrying in" in line for line in err)  # the retry was logged
 
 
-def test_publish_help_names_its_arguments_beside_the_settings(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["publish", "--help"])
-    assert info.value.code == 0
-    help = capsys.readouterr().out
+async def test_publish_help_names_its_arguments_beside_the_settings() -> None:
+    code, out, _ = await publish("--help")
+    assert code == 0
+    help = "\n".join(out)
     for flag in ("TEXT", "--topic TOPIC", "--to ID", "--key KEY", "--topics", "--publish.timeout"):
         assert flag in help, flag
 
@@ -300,10 +296,7 @@ def test_publish_help_names_its_arguments_beside_the_settings(
         (["--key", "k"], "--key needs TEXT"),
     ],
 )
-def test_publish_usage_errors_exit_2(
-    capsys: pytest.CaptureFixture[str], args: list[str], message: str
-) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["publish", *args])
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+async def test_publish_usage_errors_exit_2(args: list[str], message: str) -> None:
+    code, out, err = await publish(*args, stdin=b"")
+    assert (code, out) == (2, [])
+    assert message in err[-1]
