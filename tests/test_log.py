@@ -20,6 +20,7 @@ from longlived import (
     AuthSettings,
     BackoffSettings,
     Position,
+    Publisher,
     RedisSettings,
     ReplaySettings,
     Request,
@@ -35,6 +36,7 @@ from tests.helpers import channel_for, subscription
 from tests.proxy import proxy_to
 from tests.redis_server import RedisServer, redis_server
 from tests.test_cli import Process, free_port
+from tests.test_cli import publish as cli_publish
 from tests.test_transport import KEEPALIVE_FLAGS, client_settings, consuming, serve
 
 TIMEOUT = 15
@@ -394,3 +396,30 @@ async def test_ownership_of_an_id_holds_on_every_replica(
             "PERMISSION_DENIED",
             "bob may not take over the subscription 7",
         )
+
+
+async def test_events_from_every_producer_reach_both_replicas_in_one_order(
+    redis: RedisServer, base: Settings
+) -> None:
+    """Through replica A, replica B, a ``Publisher`` and ``longlived publish``: every
+    subscriber, on either replica, gets every event, in the same order."""
+    settings = on(redis, base)
+    async with serving(settings) as a, serving(settings) as b, AsyncExitStack() as stack:
+        channels = [channel_for(a.settings), channel_for(b.settings)]
+        for channel in channels:
+            stack.callback(channel.close)
+        streams = [
+            await stack.enter_async_context(subscription(channel, id))
+            for id, channel in enumerate(channels * 2)  # two subscribers on each replica
+        ]
+        publisher = await stack.enter_async_context(Publisher(settings=a.settings))
+        await a.emit("through A")
+        await b.emit("through B")
+        await publisher.publish("from a Publisher")
+        code, _, err = await cli_publish("from the CLI", "--address", b.settings.address)
+        assert code == 0, err
+        await a.emit("through A again")
+        got = [data(await messages(stream, 5)) for stream in streams]
+        # each publish returned before the next began: that is the stream's order
+        order = ["through A", "through B", "from a Publisher", "from the CLI", "through A again"]
+        assert got == [order] * 4
