@@ -41,11 +41,13 @@ from longlived._connect import (
 )
 from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishReply, PublishRequest
+from longlived._status import CallError
 from longlived._transport import ResilientChannel, final_metadata
-from longlived._wire import MAX_ID, NO_RETRY_HEADER
+from longlived._wire import MAX_ID, NO_RETRY_HEADER, check_publish
 from longlived.backoff import Backoff
-from longlived.errors import PublishRefused, RetriesExhausted, TlsError
+from longlived.errors import LogUnavailable, PublishRefused, RetriesExhausted, TlsError
 from longlived.events import Position, Published
+from longlived.redislog import RedisAppender
 from longlived.settings import Settings
 
 __all__ = ["Publisher"]
@@ -100,6 +102,10 @@ class Publisher:
         self._clock = clock
         self._metadata = call_metadata(self.settings, metadata)
         self._channel: ResilientChannel | None = None
+        self._direct = self.settings.publish.via == "redis"
+        if self._direct and self.settings.redis.url is None:
+            raise ValueError("publish.via is redis, but redis.url is not set")
+        self._appender: RedisAppender | None = None
         self._closed = False
         self._stop = asyncio.Event()
 
@@ -164,7 +170,7 @@ class Publisher:
         while True:
             if self._closed:
                 raise RuntimeError("publisher is closed")
-            channel = self._get_channel()
+            channel = None if self._direct else self._get_channel()
             try:
                 reply = await self._attempt(channel, request)
             except GRPCError as exc:
@@ -173,13 +179,13 @@ class Publisher:
                 error: BaseException = exc
             except ssl.SSLCertVerificationError as exc:
                 raise TlsError(f"{self.settings.address}: {exc.verify_message or exc}") from exc
-            except RETRYABLE_ERRORS as exc:
+            except (*RETRYABLE_ERRORS, LogUnavailable) as exc:
                 error = exc
             else:
                 if attempt:
                     log.info("Publish %s: answered after %d failed attempts", key, attempt)
                 return reply
-            if not isinstance(error, GRPCError):
+            if channel is not None and not isinstance(error, GRPCError):
                 # the connection failed; a status came over a working one (a server that is
                 # draining closes it with GOAWAY itself)
                 self._drop_channel(channel)
@@ -203,8 +209,13 @@ class Publisher:
             raise RetriesExhausted(failed, error) from error
         return delay
 
-    async def _attempt(self, channel: ResilientChannel, request: PublishRequest) -> PublishReply:
-        """One Publish call, within ``publish.timeout``."""
+    async def _attempt(
+        self, channel: ResilientChannel | None, request: PublishRequest
+    ) -> PublishReply:
+        """One Publish call (or, with no channel, one append to Redis), within
+        ``publish.timeout``."""
+        if channel is None:
+            return await self._append(request)
         async with asyncio.timeout(self.settings.publish.timeout):
             stream = channel.request(
                 PUBLISH_PATH, Cardinality.UNARY_UNARY, PublishRequest, PublishReply,
@@ -222,6 +233,30 @@ class Publisher:
         if reply is None:
             raise ProtocolError("the server ended the Publish call without an answer")
         return reply
+
+    async def _append(self, request: PublishRequest) -> PublishReply:
+        """Append ``request`` to the shared log directly, as a server would after checking it."""
+        try:
+            check_publish(request)
+        except CallError as exc:
+            raise PublishRefused(exc.code.name, exc.message) from None
+        size, limit = len(bytes(request)), self.settings.limits.max_event_size
+        if size > limit:
+            raise PublishRefused("RESOURCE_EXHAUSTED", f"event of {size} bytes exceeds {limit}")
+        if self._appender is None:
+            self._appender = RedisAppender(
+                self.settings.redis, dedup_window=self.settings.publish.dedup_window
+            )
+        async with asyncio.timeout(self.settings.publish.timeout):
+            published = await self._appender.append(
+                request.data,
+                topic=request.topic,
+                to=request.to,
+                payload=bytes(request.payload) if request.payload is not None else b"",
+                key=request.idempotency_key,
+            )
+        position = published.position
+        return PublishReply(seq=position.seq, token=position.token, duplicate=published.duplicate)
 
     def _get_channel(self) -> ResilientChannel:
         if self._channel is None:
@@ -245,6 +280,9 @@ class Publisher:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if self._appender is not None:
+            await self._appender.aclose()
+            self._appender = None
 
     async def __aenter__(self) -> Self:
         return self

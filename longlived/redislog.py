@@ -40,7 +40,7 @@ from longlived.events import Position, Published
 from longlived.hub import Hub
 from longlived.settings import RedisSettings
 
-__all__ = ["RedisLog", "entry_id", "seq_of"]
+__all__ = ["RedisAppender", "RedisLog", "entry_id", "seq_of"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,101 @@ def _fields(data: str, topic: str, to: int | None, payload: bytes) -> list[bytes
     return fields
 
 
-class RedisLog:
+class RedisAppender:
+    """Appends events to the shared log: what replicas and ``Publisher`` (pointed at Redis
+    directly) have in common.
+
+    Args:
+        settings: URL, stream name and retention.
+        dedup_window: seconds an idempotency key is remembered.
+    """
+
+    def __init__(self, settings: RedisSettings, *, dedup_window: float) -> None:
+        if settings.url is None:
+            raise ValueError("redis.url is not set")
+        self.settings = settings
+        self._epoch: str | None = None
+        name = settings.stream
+        self.stream = f"{{{name}}}:events"
+        self._epoch_key = f"{{{name}}}:epoch"
+        self._dedup_prefix = f"{{{name}}}:dedup:"
+        self._owner_prefix = f"{{{name}}}:owner:"
+        self._window_ms = max(1, round(dedup_window * 1000))
+        # reads (and the idempotent writes: owners) retry once on a fresh connection when a
+        # Redis restart broke the pooled one; appends never do (one may have gone through)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url,
+            health_check_interval=1,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
+        self._writes: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url, health_check_interval=1
+        )
+        self._append = self._writes.register_script(_APPEND)
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._redis.aclose()
+        await self._writes.aclose()
+
+    def _where(self) -> str:
+        url = self.settings.url or ""
+        return url.rpartition("@")[2]  # never a password in a log line
+
+    async def _position(self) -> tuple[str, str]:
+        """The log's epoch (made on first use) and the id of its newest entry."""
+        await self._redis.set(self._epoch_key, secrets.token_hex(8), nx=True)
+        epoch = await self._redis.get(self._epoch_key)
+        newest = _entries(await self._redis.xrevrange(self.stream, count=1))
+        return _text(epoch or b""), newest[0][0] if newest else "0-0"
+
+    async def epoch(self) -> str:
+        """The log's epoch, the first part of every position in it."""
+        if self._epoch is None:
+            try:
+                self._epoch = (await self._position())[0]
+            except RedisError as exc:
+                raise LogUnavailable(f"cannot reach the event log: {exc}") from exc
+        return self._epoch
+
+    async def append(
+        self,
+        data: str = "",
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: bytes = b"",
+        key: str = "",
+    ) -> Published:
+        """Append one event; its position (the first one's, for a repeated ``key``).
+
+        With a ``key``, an append whose connection broke is tried once more (the key makes
+        that safe); without one it is not, since it may have been appended already.
+
+        Raises:
+            LogUnavailable: Redis cannot be reached; nothing was appended (retry with the
+                same key).
+        """
+        epoch = await self.epoch()
+        keys = [self.stream, self._dedup_prefix + key if key else ""]
+        args: list[Any] = [self.settings.maxlen, self._window_ms]
+        args += _fields(data, topic, to, payload)
+        try:
+            try:
+                answer = await self._append(keys=keys, args=args)
+            except RedisConnectionError:
+                if not key:  # it may have been appended before the connection broke
+                    raise
+                answer = await self._append(keys=keys, args=args)  # the key makes it safe
+        except RedisError as exc:
+            self._epoch = None  # Redis may come back as a new log
+            raise LogUnavailable(f"cannot append to the event log: {exc}") from exc
+        entry, duplicate = cast("list[Any]", answer)
+        return Published(Position(epoch, seq_of(_text(entry))), bool(duplicate))
+
+
+class RedisLog(RedisAppender):
     """The hub's events on a Redis stream shared by every replica.
 
     Args:
@@ -118,34 +212,18 @@ class RedisLog:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
-        assert settings.url is not None
-        self.settings = settings
+        super().__init__(settings, dedup_window=dedup_window)
         self.hub = hub
-        name = settings.stream
-        self.stream = f"{{{name}}}:events"
-        self._epoch_key = f"{{{name}}}:epoch"
-        self._dedup_prefix = f"{{{name}}}:dedup:"
-        self._owner_prefix = f"{{{name}}}:owner:"
-        self._window_ms = max(1, round(dedup_window * 1000))
         self._backoff = backoff
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
-        # reads (and the idempotent writes: owners) retry once on a fresh connection when a
-        # Redis restart broke the pooled one; appends never do (one may have gone through)
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.url,
-            health_check_interval=1,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-        )
-        self._writes: aioredis.Redis = aioredis.Redis.from_url(
-            settings.url, health_check_interval=1
-        )
-        self._append = self._writes.register_script(_APPEND)
         self._last = "0-0"
         self._reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         """Set while the reader is following the stream."""
+
+    async def epoch(self) -> str:
+        return self.hub.epoch  # the one this replica follows
 
     async def start(self) -> None:
         """Reach Redis, take its epoch and the stream's end, and start following it.
@@ -156,8 +234,7 @@ class RedisLog:
         try:
             epoch, last = await self._position()
         except RedisError as exc:
-            await self._redis.aclose()
-            await self._writes.aclose()
+            await self.aclose()
             raise LogUnavailable(f"cannot reach the event log at {self._where()}: {exc}") from exc
         self.hub.start_at(epoch, seq_of(last))
         self.hub.backfill = self.backfill
@@ -171,54 +248,7 @@ class RedisLog:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.wait([self._reader])
-        await self._redis.aclose()
-        await self._writes.aclose()
-
-    def _where(self) -> str:
-        url = self.settings.url or ""
-        return url.rpartition("@")[2]  # never a password in a log line
-
-    async def _position(self) -> tuple[str, str]:
-        """The log's epoch (made on first use) and the id of its newest entry."""
-        await self._redis.set(self._epoch_key, secrets.token_hex(8), nx=True)
-        epoch = await self._redis.get(self._epoch_key)
-        newest = _entries(await self._redis.xrevrange(self.stream, count=1))
-        return _text(epoch or b""), newest[0][0] if newest else "0-0"
-
-    # ------------------------------------------------------------------ writing
-
-    async def append(
-        self,
-        data: str = "",
-        *,
-        topic: str = "",
-        to: int | None = None,
-        payload: bytes = b"",
-        key: str = "",
-    ) -> Published:
-        """Append one event; its position (the first one's, for a repeated ``key``).
-
-        With a ``key``, an append whose connection broke is tried once more (the key makes
-        that safe); without one it is not, since it may have been appended already.
-
-        Raises:
-            LogUnavailable: Redis cannot be reached; nothing was appended (retry with the
-                same key).
-        """
-        keys = [self.stream, self._dedup_prefix + key if key else ""]
-        args: list[Any] = [self.settings.maxlen, self._window_ms]
-        args += _fields(data, topic, to, payload)
-        try:
-            try:
-                answer = await self._append(keys=keys, args=args)
-            except RedisConnectionError:
-                if not key:  # it may have been appended before the connection broke
-                    raise
-                answer = await self._append(keys=keys, args=args)  # the key makes it safe
-        except RedisError as exc:
-            raise LogUnavailable(f"cannot append to the event log: {exc}") from exc
-        entry, duplicate = cast("list[Any]", answer)
-        return Published(Position(self.hub.epoch, seq_of(_text(entry))), bool(duplicate))
+        await self.aclose()
 
     async def owner(self, id: int) -> str | None:
         """Who holds ``id`` on every replica (recorded by ``claim``), if anyone.

@@ -268,6 +268,11 @@ class PublishSettings(BaseModel):
         10.0, gt=0, le=3600,
         description="publisher: how long one publish attempt may take, seconds",
     )  # fmt: skip
+    via: Literal["server", "redis"] = Field(
+        "server",
+        description="publisher: through a server's Publish RPC, or appended to the shared log "
+        "at `redis.url` directly (Redis access is then the only check of who may publish)",
+    )
 
 
 class RedisSettings(BaseModel):

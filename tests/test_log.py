@@ -21,6 +21,8 @@ from longlived import (
     BackoffSettings,
     Position,
     Publisher,
+    PublishRefused,
+    PublishSettings,
     RedisSettings,
     ReplaySettings,
     Request,
@@ -423,3 +425,32 @@ async def test_events_from_every_producer_reach_both_replicas_in_one_order(
         # each publish returned before the next began: that is the stream's order
         order = ["through A", "through B", "from a Publisher", "from the CLI", "through A again"]
         assert got == [order] * 4
+
+
+async def test_a_publisher_pointed_at_redis_reaches_every_replica(
+    redis: RedisServer, base: Settings
+) -> None:
+    """``publish.via=redis``: no server in the way; the same checks, the same order."""
+    settings = on(redis, base)
+    direct = settings.model_copy(update={"publish": PublishSettings(via="redis")})
+    async with serving(settings) as a, serving(settings) as b, AsyncExitStack() as stack:
+        channels = [channel_for(a.settings), channel_for(b.settings)]
+        for channel in channels:
+            stack.callback(channel.close)
+        streams = [
+            await stack.enter_async_context(subscription(channel, id))
+            for id, channel in enumerate(channels)
+        ]
+        publisher = await stack.enter_async_context(Publisher(settings=direct))
+        first = await publisher.publish("straight to Redis", key="k")
+        again = await publisher.publish("straight to Redis", key="k")
+        assert (again.position, again.duplicate) == (first.position, True)
+        code, _, err = await cli_publish(
+            "from the CLI", "--publish.via", "redis", "--redis.url", redis.url
+        )
+        assert code == 0, err
+        with pytest.raises(PublishRefused, match="an event goes to a topic or to one id"):
+            await publisher.publish("x", topic="t", to=1)
+        got = [await messages(stream, 2) for stream in streams]
+        assert [data(g) for g in got] == [["straight to Redis", "from the CLI"]] * 2
+        assert got[0][0].token == first.position.token
