@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,6 +46,11 @@ __all__ = ["RedisAppender", "RedisLog", "entry_id", "seq_of"]
 log = logging.getLogger(__name__)
 
 _N_BITS = 16
+
+_POOL = 32
+"""Connections each pool opens to Redis at most (commands beyond wait for one)."""
+_POOL_WAIT = 10.0
+"""Seconds a command waits for a free connection before it fails as unavailable."""
 
 # Atomically: answer a key seen within the window with its first entry, or append.
 _APPEND = """
@@ -118,14 +124,22 @@ class RedisAppender:
         self._window_ms = max(1, round(dedup_window * 1000))
         # reads (and the idempotent writes: owners) retry once on a fresh connection when a
         # Redis restart broke the pooled one; appends never do (one may have gone through)
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.url,
-            health_check_interval=1,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
+        # bounded pools that wait for a free connection (redis-py's default pool refuses
+        # the 101st concurrent command): a burst of resubscribes queues instead of failing
+        self._redis = aioredis.Redis.from_pool(  # closing the client closes its pool
+            BlockingConnectionPool.from_url(
+                settings.url,
+                max_connections=_POOL,
+                timeout=_POOL_WAIT,
+                health_check_interval=1,
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[RedisConnectionError],
+            )
         )
-        self._writes: aioredis.Redis = aioredis.Redis.from_url(
-            settings.url, health_check_interval=1
+        self._writes = aioredis.Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                settings.url, max_connections=_POOL, timeout=_POOL_WAIT, health_check_interval=1
+            )
         )
         self._append = self._writes.register_script(_APPEND)
 

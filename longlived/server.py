@@ -265,13 +265,14 @@ class SubscriptionManager:
         Raises:
             LogUnavailable: the shared log cannot be read (the call is refused).
         """
-        if self._log is not None:
+        if self._log is not None and self.settings.auth.tokens:
             return await self._log.owner(id) or self.hub.owner(id)
         return self.hub.owner(id)
 
     async def claim(self, id: int, owner: str) -> None:
-        """Record ``owner`` as the holder of ``id`` (in Redis, with a shared log)."""
-        if self._log is not None:
+        """Record ``owner`` as the holder of ``id`` (in Redis, with a shared log and
+        authentication on: without it, every caller is the same anonymous one)."""
+        if self._log is not None and self.settings.auth.tokens:
             await self._log.claim(id, owner)
 
     def authorize_publish(self, caller: Caller, request: PublishRequest) -> bool:

@@ -34,6 +34,7 @@ from longlived import (
     SubscriptionManager,
 )
 from longlived.errors import LogUnavailable
+from tests.h2peer import H2Peer, grpc_body, request_headers
 from tests.helpers import channel_for, subscription
 from tests.proxy import proxy_to
 from tests.redis_server import RedisServer, redis_server
@@ -454,3 +455,25 @@ async def test_a_publisher_pointed_at_redis_reaches_every_replica(
         got = [await messages(stream, 2) for stream in streams]
         assert [data(g) for g in got] == [["straight to Redis", "from the CLI"]] * 2
         assert got[0][0].token == first.position.token
+
+
+async def test_a_burst_of_resubscribes_waits_for_redis_connections_instead_of_failing(
+    redis: RedisServer, base: Settings
+) -> None:
+    """150 authenticated subscribes at once, each asking Redis who owns its id: redis-py's
+    default pool refused the 101st command ("Too many connections")."""
+    settings = on(redis, base).model_copy(
+        update={"auth": AuthSettings(tokens={"tok": "svc"}), "max_streams_per_connection": 200}
+    )
+    async with serving(settings) as server:
+        peer = await H2Peer.connect(server.settings)
+        try:
+            headers = request_headers(authorization="Bearer tok")
+            for id in range(150):
+                peer.open(headers, grpc_body(Request(id=id)))
+            await peer.flush()
+            async with asyncio.timeout(TIMEOUT):
+                await server.wait_for(lambda: len(server.subscribers) == 150)
+            assert server.rejected == {}
+        finally:
+            peer.close()
