@@ -51,6 +51,8 @@ _POOL = 32
 """Connections each pool opens to Redis at most (commands beyond wait for one)."""
 _POOL_WAIT = 10.0
 """Seconds a command waits for a free connection before it fails as unavailable."""
+_BLOCK = 1.0
+"""Seconds the reader's XREAD waits for new entries."""
 
 # Atomically: answer a key seen within the window with its first entry, or append.
 _APPEND = """
@@ -132,13 +134,20 @@ class RedisAppender:
                 max_connections=_POOL,
                 timeout=_POOL_WAIT,
                 health_check_interval=1,
+                socket_timeout=settings.timeout + _BLOCK,  # the reader's XREAD blocks _BLOCK
+                socket_connect_timeout=settings.timeout,
                 retry=Retry(NoBackoff(), 1),
                 retry_on_error=[RedisConnectionError],
             )
         )
         self._writes = aioredis.Redis.from_pool(
             BlockingConnectionPool.from_url(
-                settings.url, max_connections=_POOL, timeout=_POOL_WAIT, health_check_interval=1
+                settings.url,
+                max_connections=_POOL,
+                timeout=_POOL_WAIT,
+                health_check_interval=1,
+                socket_timeout=settings.timeout,
+                socket_connect_timeout=settings.timeout,
             )
         )
         self._append = self._writes.register_script(_APPEND)
@@ -297,7 +306,9 @@ class RedisLog(RedisAppender):
                 if failures:
                     await self._reconnected()
                     failures = 0
-                answer = await self._redis.xread({self.stream: self._last}, block=1000, count=1000)
+                answer = await self._redis.xread(
+                    {self.stream: self._last}, block=round(_BLOCK * 1000), count=1000
+                )
                 streams = cast("list[tuple[bytes, object]]", answer or [])
             except RedisError as exc:
                 self.connected.clear()

@@ -294,6 +294,11 @@ class RedisSettings(BaseModel):
         description="events the stream keeps (XADD MAXLEN ~): how far back a client can resume",
     )  # fmt: skip
 
+    timeout: float = Field(
+        5.0, gt=0, le=3600,
+        description="seconds a Redis command may take before the log counts as unavailable "
+        "(a frozen or unreachable Redis fails publishes instead of hanging them)",
+    )  # fmt: skip
     claim_ttl: int = Field(
         86_400, ge=1, le=365 * 86_400,
         description="seconds a subscriber id stays owned by its caller after its last "

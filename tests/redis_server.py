@@ -65,6 +65,11 @@ class RedisServer:
             async with asyncio.timeout(10):
                 await self.process.wait()
 
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT): its sockets stay open, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
     async def restart(self) -> None:
         await self.kill()
         await self.start()

@@ -477,3 +477,33 @@ async def test_a_burst_of_resubscribes_waits_for_redis_connections_instead_of_fa
             assert server.rejected == {}
         finally:
             peer.close()
+
+
+async def test_a_frozen_redis_fails_publishes_fast_and_loses_nothing_once_back(
+    redis: RedisServer, base: Settings
+) -> None:
+    """SIGSTOP: no command hangs; the publish that failed is retried with its key and the
+    subscriber gets it once; the reader carries on from its last entry."""
+    settings = base.model_copy(
+        update={
+            "redis": RedisSettings(url=redis.url, timeout=0.3),
+            "backoff": BackoffSettings(initial=0.02, max=0.1),
+        }
+    )
+    async with serving(settings) as server:
+        channel = channel_for(server.settings)
+        try:
+            async with subscription(channel, 1) as stream:
+                await server.emit("before")
+                redis.freeze()
+                try:
+                    with pytest.raises(LogUnavailable):
+                        async with asyncio.timeout(TIMEOUT):
+                            await server.emit("during", key="during")
+                finally:
+                    redis.freeze(False)
+                await server.emit("during", key="during")  # the publisher's retry, same key
+                await server.emit("after", key="after")
+                assert data(await messages(stream, 3)) == ["before", "during", "after"]
+        finally:
+            channel.close()
