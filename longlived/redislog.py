@@ -30,6 +30,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -55,13 +56,16 @@ _BLOCK = 1.0
 """Seconds the reader's XREAD waits for new entries."""
 
 # Atomically: answer a key seen within the window with its first entry, or append.
+# KEYS[2] is always given (a key of the same slot, for Redis Cluster); ARGV[3] says
+# whether it is an idempotency key to honour.
 _APPEND = """
-if KEYS[2] ~= '' then
+local keyed = ARGV[3] == '1'
+if keyed then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {seen, 1} end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+if keyed then redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) end
 return {id, 0}
 """
 
@@ -104,6 +108,31 @@ def _fields(data: str, topic: str, to: int | None, payload: bytes) -> list[bytes
     return fields
 
 
+def _client(settings: RedisSettings, *, reads: bool) -> aioredis.Redis:
+    """A client for the log: reads (and the idempotent writes: owners) retry once on a
+    fresh connection when a Redis restart broke the pooled one; appends never do (one may
+    have gone through). Every command is bounded by ``settings.timeout``."""
+    assert settings.url is not None
+    options: dict[str, Any] = {
+        "health_check_interval": 1,
+        # the reader's XREAD blocks _BLOCK seconds on top
+        "socket_timeout": settings.timeout + (_BLOCK if reads else 0.0),
+        "socket_connect_timeout": settings.timeout,
+    }
+    if reads:
+        options |= {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+    if settings.cluster:
+        # every key of the log carries the {name} hash tag: one slot, one node
+        cluster = RedisCluster.from_url(settings.url, max_connections=_POOL, **options)
+        return cast("aioredis.Redis", cluster)  # the commands used here are the same
+    # a bounded pool that waits for a free connection (redis-py's default pool refuses the
+    # 101st concurrent command): a burst of resubscribes queues instead of failing
+    pool = BlockingConnectionPool.from_url(
+        settings.url, max_connections=_POOL, timeout=_POOL_WAIT, **options
+    )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
+
+
 class RedisAppender:
     """Appends events to the shared log: what replicas and ``Publisher`` (pointed at Redis
     directly) have in common.
@@ -128,28 +157,8 @@ class RedisAppender:
         # Redis restart broke the pooled one; appends never do (one may have gone through)
         # bounded pools that wait for a free connection (redis-py's default pool refuses
         # the 101st concurrent command): a burst of resubscribes queues instead of failing
-        self._redis = aioredis.Redis.from_pool(  # closing the client closes its pool
-            BlockingConnectionPool.from_url(
-                settings.url,
-                max_connections=_POOL,
-                timeout=_POOL_WAIT,
-                health_check_interval=1,
-                socket_timeout=settings.timeout + _BLOCK,  # the reader's XREAD blocks _BLOCK
-                socket_connect_timeout=settings.timeout,
-                retry=Retry(NoBackoff(), 1),
-                retry_on_error=[RedisConnectionError],
-            )
-        )
-        self._writes = aioredis.Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                settings.url,
-                max_connections=_POOL,
-                timeout=_POOL_WAIT,
-                health_check_interval=1,
-                socket_timeout=settings.timeout,
-                socket_connect_timeout=settings.timeout,
-            )
-        )
+        self._redis = _client(settings, reads=True)
+        self._writes = _client(settings, reads=False)
         self._append = self._writes.register_script(_APPEND)
 
     async def aclose(self) -> None:
@@ -196,8 +205,8 @@ class RedisAppender:
                 same key).
         """
         epoch = await self.epoch()
-        keys = [self.stream, self._dedup_prefix + key if key else ""]
-        args: list[Any] = [self.settings.maxlen, self._window_ms]
+        keys = [self.stream, self._dedup_prefix + key]
+        args: list[Any] = [self.settings.maxlen, self._window_ms, "1" if key else "0"]
         args += _fields(data, topic, to, payload)
         try:
             try:

@@ -294,6 +294,9 @@ class RedisSettings(BaseModel):
         description="events the stream keeps (XADD MAXLEN ~): how far back a client can resume",
     )  # fmt: skip
 
+    cluster: bool = Field(
+        False, description="`url` names a node of a Redis Cluster (the log's keys share a slot)"
+    )
     timeout: float = Field(
         5.0, gt=0, le=3600,
         description="seconds a Redis command may take before the log counts as unavailable "

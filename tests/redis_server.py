@@ -14,12 +14,14 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-__all__ = ["RedisServer", "redis_server"]
+__all__ = ["RedisServer", "redis_cluster", "redis_server"]
 
 BINARY = shutil.which("redis-server")
 
@@ -33,8 +35,9 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process; ``restart()`` kills it (-9) and starts a fresh, empty one."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *extra: str) -> None:
         self.port = port
+        self.extra = extra
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: asyncio.subprocess.Process | None = None
 
@@ -42,7 +45,7 @@ class RedisServer:
         assert BINARY is not None
         self.process = await asyncio.create_subprocess_exec(
             BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--protected-mode", "no",
+            "--appendonly", "no", "--protected-mode", "no", *self.extra,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
@@ -89,3 +92,45 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.kill()
+
+
+@asynccontextmanager
+async def redis_cluster(directory: Path) -> AsyncIterator[list[RedisServer]]:
+    """Three redis-server nodes made into one Redis Cluster (no replicas), killed on the
+    way out; their cluster state files go in ``directory``."""
+    cli = shutil.which("redis-cli")
+    if BINARY is None or cli is None:
+        reason = "redis-server or redis-cli is not installed"
+        if os.environ.get("TEST_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}, and TEST_REQUIRE_REDIS=1 requires it")
+        pytest.skip(reason)
+    nodes = []
+    for _ in range(3):
+        port = _free_port()
+        nodes.append(RedisServer(port, "--cluster-enabled", "yes", "--dir", str(directory),
+                                 "--cluster-config-file", f"nodes-{port}.conf"))  # fmt: skip
+    try:
+        for node in nodes:
+            await node.start()
+        create = await asyncio.create_subprocess_exec(
+            cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+            "--cluster-replicas", "0", "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            assert await create.wait() == 0, "redis-cli --cluster create failed"
+            for node in nodes:
+                client = aioredis.Redis.from_url(node.url)
+                try:
+                    for _ in range(10_000):  # the cluster agrees on its state in a moment
+                        command = cast("Any", client).execute_command  # untyped in redis-py
+                        info = await command("CLUSTER", "INFO")
+                        if b"cluster_state:ok" in info:
+                            break
+                        await asyncio.sleep(0.05)
+                finally:
+                    await client.aclose()
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.kill()

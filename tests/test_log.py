@@ -11,6 +11,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pytest
 from grpclib.const import Status
@@ -37,7 +38,7 @@ from longlived.errors import LogUnavailable
 from tests.h2peer import H2Peer, grpc_body, request_headers
 from tests.helpers import channel_for, subscription
 from tests.proxy import proxy_to
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, redis_cluster, redis_server
 from tests.test_cli import Process, free_port
 from tests.test_cli import publish as cli_publish
 from tests.test_transport import KEEPALIVE_FLAGS, client_settings, consuming, serve
@@ -507,3 +508,26 @@ async def test_a_frozen_redis_fails_publishes_fast_and_loses_nothing_once_back(
                 assert data(await messages(stream, 3)) == ["before", "during", "after"]
         finally:
             channel.close()
+
+
+async def test_two_replicas_on_a_redis_cluster(base: Settings, tmp_path: Path) -> None:
+    """``redis.cluster``: the log's keys share one slot; the guarantees are the same."""
+    async with redis_cluster(tmp_path) as nodes:
+        settings = base.model_copy(
+            update={"redis": RedisSettings(url=nodes[1].url.rsplit("/", 1)[0], cluster=True)}
+        )
+        async with serving(settings) as a, serving(settings) as b:
+            channels = [channel_for(a.settings), channel_for(b.settings)]
+            try:
+                async with subscription(channels[0], 1) as one, subscription(channels[1], 2) as two:
+                    first = await a.emit("through A")
+                    await b.emit("through B", key="k")
+                    assert (await b.emit("through B", key="k")).duplicate
+                    assert data(await messages(one, 2)) == ["through A", "through B"]
+                    assert data(await messages(two, 2)) == ["through A", "through B"]
+                resume = Request(id=2, resume_token=first.position.token)
+                async with subscription(channels[1], resume) as two:
+                    assert data(await messages(two, 1)) == ["through B"]
+            finally:
+                for channel in channels:
+                    channel.close()
