@@ -23,6 +23,7 @@ from longlived._status import CallError, Code
 from longlived._wire import HEARTBEAT_HEADER, check_publish, check_request
 from longlived.auth import Caller
 from longlived.errors import LogUnavailable
+from longlived.events import Position
 from longlived.subscriber import EndReason, Subscriber
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ END_STATUS = {
     EndReason.SHUTDOWN: Code.UNAVAILABLE,
     EndReason.MAX_AGE: Code.UNAVAILABLE,
     EndReason.LOG_LOST: Code.UNAVAILABLE,
+    EndReason.EVENTS_LOST: Code.UNAVAILABLE,
 }
 """The status a stream ends with, by why it ended."""
 
@@ -137,8 +139,10 @@ class CallHost(Protocol):
         """Who holds ``id`` (see ``Hub.owner``; on every replica with a shared log)."""
         ...
 
-    async def claim(self, id: int, owner: str) -> None:
-        """Record that ``owner`` holds ``id`` (where the hub alone does not)."""
+    async def claim(self, id: int, owner: str, *, take_over: bool = False) -> str:
+        """Record that ``owner`` holds ``id`` (where the hub alone does not), unless another
+        caller does and ``take_over`` is False; who holds it now."""
+        ...
 
     def refused(self, code: Code, message: str, peer: str) -> None:
         """Count and log a refused call."""
@@ -183,14 +187,16 @@ async def admit_request(host: CallHost, transport: CallTransport) -> tuple[Reque
     )
 
 
-async def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> None:
-    """Refuse ``caller`` acting on ``id`` if another caller holds it."""
+async def check_owner(host: CallHost, caller: Caller, id: int, action: str) -> str | None:
+    """Refuse ``caller`` acting on ``id`` if another caller holds it; the holder, if any."""
     try:
-        owner = await host.owner_of(id)
+        # every unauthenticated caller is the same one: their ids are only this replica's
+        owner = await host.owner_of(id) if caller.authenticated else host.hub.owner(id)
     except LogUnavailable as exc:  # fail closed: nobody's ownership is guessed
         raise CallError(Code.UNAVAILABLE, str(exc)) from None
     if owner is not None and not host.authorize_unsubscribe(caller, id, owner):
         raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not {action} {id}")
+    return owner
 
 
 class _Call:
@@ -220,6 +226,8 @@ class SubscribeCall(_Call):
         except CallError as exc:
             await self._refuse(exc)
             return
+        if not await self._caught_up(request.resume_token):
+            return
         transport.admitted()
         log.info("Received subscribe request from ID: %d", request.id)
         sub = host.hub.register(
@@ -246,6 +254,30 @@ class SubscribeCall(_Call):
         finally:
             host.hub.release(sub)
 
+    async def _caught_up(self, token: str) -> bool:
+        """With a shared log, a token from a replica ahead of this one (its reader is
+        behind) waits until this one has read that far; False (and the call answered
+        UNAVAILABLE) if it does not within ``redis.timeout``."""
+        hub = self.host.hub
+        position = Position.parse(token) if token else None
+        if hub.backfill is None or position is None or position.epoch != hub.epoch:
+            return True
+        if position.seq <= hub.head.seq:
+            return True
+        limit = self.host.settings.redis.timeout
+        try:
+            async with asyncio.timeout(limit):
+                await hub.reach(position.seq)
+        except TimeoutError:
+            await self._refuse(
+                CallError(
+                    Code.UNAVAILABLE,
+                    f"this replica has not read up to the resume position within {limit:g}s",
+                )
+            )
+            return False
+        return True
+
     async def _fill(self, sub: Subscriber) -> bool:
         """Fetch what ``sub`` missed before the history from the shared log; False (and
         the call answered UNAVAILABLE, so the client retries) if the log cannot be read."""
@@ -270,14 +302,18 @@ class SubscribeCall(_Call):
             raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not subscribe as {id}")
         # taking over an id ends its stream or reads its events: the rule of Unsubscribe,
         # and it holds while the id's events can still be replayed, not only while it is open
-        await check_owner(host, caller, id, "take over the subscription")
+        owner = await check_owner(host, caller, id, "take over the subscription")
         limit = host.settings.limits.max_subscribers
         if id not in host.hub and len(host.hub) >= limit:
             raise CallError(Code.RESOURCE_EXHAUSTED, f"too many subscribers (limit {limit})")
+        if not caller.authenticated:
+            return
         try:
-            await host.claim(id, caller.name)
+            holder = await host.claim(id, caller.name, take_over=owner not in (None, caller.name))
         except LogUnavailable as exc:
             raise CallError(Code.UNAVAILABLE, str(exc)) from None
+        if holder != caller.name:  # another caller claimed it since the check
+            raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not take over {id}")
 
     async def _stream(self, sub: Subscriber, request: Request) -> None:
         """Write ``sub``'s messages (heartbeats when idle) until it ends, then its status."""
@@ -371,7 +407,8 @@ class PublishCall(_Call):
                 topic=request.topic,
                 to=request.to,
                 payload=bytes(request.payload) if request.payload is not None else b"",
-                key=request.idempotency_key,
+                # one caller's keys are its own: nobody can suppress another's publish
+                key=f"{caller.name}:{request.idempotency_key}" if request.idempotency_key else "",
             )
         except LogUnavailable as exc:  # nothing was emitted: the publisher retries, same key
             await self._refuse(CallError(Code.UNAVAILABLE, str(exc)))

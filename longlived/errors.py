@@ -108,7 +108,8 @@ class TlsError(LonglivedError):
 
 
 class LogUnavailable(LonglivedError):
-    """The shared event log (Redis) cannot be reached: nothing was appended or read.
+    """The shared event log (Redis) cannot be reached right now.
 
-    A publish that raised it can be retried with the same idempotency key.
+    A publish that raised it may have been appended anyway (a command that timed out after
+    Redis took it): retry it with the same idempotency key, which emits it once.
     """

@@ -101,6 +101,7 @@ class Hub:
         self._subscribers: dict[int, Subscriber] = {}
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
+        self._head_waiters: list[asyncio.Future[None]] = []
         self.stats = HubStats()
         self.dedup = dedup if dedup is not None else Deduplicator(window=120.0, max_keys=100_000)
 
@@ -200,7 +201,7 @@ class Hub:
         if position.seq < self._floor:
             if self.backfill is None:
                 return "resume token older than the retained history"
-            return Gap(after=position.seq, upto=self._floor, recent=missed)
+            return Gap(after=position.seq, upto=self._floor, recent=missed, head=self._seq)
         return missed
 
     async def fill(self, sub: Subscriber) -> None:
@@ -218,7 +219,9 @@ class Hub:
         if isinstance(older, str):
             self._reset(sub, Position(self.epoch, gap.after).token, older)
             return
-        sub.replay(older + gap.recent or [self.heartbeat()], first=True)
+        # with nothing missed, the position it registered at: live ones may be queued already
+        at = self._encode(Kind.HEARTBEAT, Position(self.epoch, gap.head), "", "", b"")
+        sub.replay(older + gap.recent or [at], first=True)
 
     def _recent(self, id: int, topics: Collection[str], after: int) -> list[bytes]:
         """The history's messages after seq ``after`` for this subscriber."""
@@ -322,6 +325,27 @@ class Hub:
     ) -> None:
         """Fan out an event the shared log positioned at ``seq`` (greater than ``head``)."""
         self._fan_out(self._emit(data, topic, to, payload, seq=seq))
+        if self._head_waiters:
+            self._head_moved()
+
+    async def reach(self, seq: int) -> None:
+        """Wait until the head is at ``seq`` or past it (a replica reading a shared log
+        behind another). Unbounded by itself: wrap it in ``asyncio.timeout``."""
+        loop = asyncio.get_running_loop()
+        while self._seq < seq:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._head_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._head_waiters:
+                    self._head_waiters.remove(fut)
+
+    def _head_moved(self) -> None:
+        waiters, self._head_waiters = self._head_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def start_at(self, epoch: str, seq: int) -> None:
         """Follow a shared log from position ``(epoch, seq)``: what came before is there."""
@@ -329,11 +353,12 @@ class Hub:
         self._history.clear()
         self._targeted.clear()
 
-    def log_lost(self, epoch: str, seq: int) -> None:
-        """The shared log came back as a new one: end every stream (each client resumes
-        and its old position gets RESET), then follow the new log from ``seq``."""
-        log.warning("The shared event log was lost; ending %d streams", len(self))
-        self.end_all(EndReason.LOG_LOST)
+    def log_lost(self, epoch: str, seq: int, *, reason: EndReason = EndReason.LOG_LOST) -> None:
+        """The shared log came back as a new one (or lost events before this replica read
+        them): end every stream (each client resumes and its old position gets RESET), then
+        follow the log from ``(epoch, seq)``."""
+        log.warning("%s; ending %d streams", reason.value.capitalize(), len(self))
+        self.end_all(reason)
         self.start_at(epoch, seq)
 
     def encode_event(self, seq: int, data: str, *, topic: str = "", payload: bytes = b"") -> bytes:

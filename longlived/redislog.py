@@ -4,7 +4,7 @@ Every replica (and every ``Publisher``) appends with ``XADD``; each replica foll
 stream with ONE reader (``XREAD BLOCK`` from the last entry it read) and fans out to its
 own subscribers through the hub, so every subscriber on every replica sees the same events
 in the same order. A position is the stream entry id, ``ms-n``, folded into one integer
-(``ms << 16 | n``) so tokens keep their form (``epoch:seq``) and stay valid on every
+(``ms << 22 | n``) so tokens keep their form (``epoch:seq``) and stay valid on every
 replica and across restarts. The epoch lives in Redis beside the stream: a Redis that comes
 back without its data (persistence off) gets a new one, and old positions get RESET.
 
@@ -39,14 +39,17 @@ from redis.exceptions import RedisError
 from longlived.backoff import Backoff
 from longlived.errors import LogUnavailable
 from longlived.events import Position, Published
-from longlived.hub import Hub
+from longlived.hub import EndReason, Hub
 from longlived.settings import RedisSettings
 
 __all__ = ["RedisAppender", "RedisLog", "entry_id", "seq_of"]
 
 log = logging.getLogger(__name__)
 
-_N_BITS = 16
+_N_BITS = 22
+"""Bits of a position kept for the ``n`` of an entry id ``ms-n``: up to 4M entries in one
+millisecond (Redis counts ``n`` up while its clock stands still or steps back), and room
+for ``ms`` until the year 2109 within 64 bits."""
 
 _POOL = 32
 """Connections each pool opens to Redis at most (commands beyond wait for one)."""
@@ -54,6 +57,10 @@ _POOL_WAIT = 10.0
 """Seconds a command waits for a free connection before it fails as unavailable."""
 _BLOCK = 1.0
 """Seconds the reader's XREAD waits for new entries."""
+_BATCH = 1000
+"""Entries the reader takes per XREAD."""
+_CHECK = 5.0
+"""Seconds between the reader's checks that the log is still the one it follows."""
 
 # Atomically: answer a key seen within the window with its first entry, or append.
 # KEYS[2] is always given (a key of the same slot, for Redis Cluster); ARGV[3] says
@@ -70,8 +77,23 @@ return {id, 0}
 """
 
 
+# Record an owner unless another holds the id (ARGV[3] == '1': take it over anyway).
+_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] and ARGV[3] ~= '1' then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+
+# Keep a claim alive while its stream is open, unless it changed hands meanwhile.
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
 def seq_of(entry: bytes | str) -> int:
-    """The position of a stream entry id ``ms-n``: ``ms << 16 | n``."""
+    """The position of a stream entry id ``ms-n``: ``ms << 22 | n``."""
     text = entry.decode() if isinstance(entry, bytes) else entry
     ms, _, n = text.partition("-")
     number = int(n or 0)
@@ -115,12 +137,14 @@ def _client(settings: RedisSettings, *, reads: bool) -> aioredis.Redis:
     assert settings.url is not None
     options: dict[str, Any] = {
         "health_check_interval": 1,
-        # the reader's XREAD blocks _BLOCK seconds on top
-        "socket_timeout": settings.timeout + (_BLOCK if reads else 0.0),
+        # the reader's XREAD (on the client that never retries) blocks _BLOCK seconds on top
+        "socket_timeout": settings.timeout + (0.0 if reads else _BLOCK),
         "socket_connect_timeout": settings.timeout,
     }
     if reads:
         options |= {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+    else:  # redis-py's cluster client would otherwise retry (an append twice) by itself
+        options["retry"] = Retry(NoBackoff(), 0)
     if settings.cluster:
         # every key of the log carries the {name} hash tag: one slot, one node
         cluster = RedisCluster.from_url(settings.url, max_connections=_POOL, **options)
@@ -160,6 +184,8 @@ class RedisAppender:
         self._redis = _client(settings, reads=True)
         self._writes = _client(settings, reads=False)
         self._append = self._writes.register_script(_APPEND)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._refresh_claim = self._redis.register_script(_REFRESH)
 
     async def aclose(self) -> None:
         """Close the connections."""
@@ -201,8 +227,8 @@ class RedisAppender:
         that safe); without one it is not, since it may have been appended already.
 
         Raises:
-            LogUnavailable: Redis cannot be reached; nothing was appended (retry with the
-                same key).
+            LogUnavailable: Redis cannot be reached; nothing was appended, or (a command
+                that timed out) it may have been: retry with the same key.
         """
         epoch = await self.epoch()
         keys = [self.stream, self._dedup_prefix + key]
@@ -251,8 +277,12 @@ class RedisLog(RedisAppender):
         self._sleep = sleep
         self._last = "0-0"
         self._reader: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._claimed: dict[int, str] = {}
         self.connected = asyncio.Event()
         """Set while the reader is following the stream."""
+        self.disconnected = asyncio.Event()
+        """Set while it is not (Redis unavailable)."""
 
     async def epoch(self) -> str:
         return self.hub.epoch  # the one this replica follows
@@ -264,22 +294,30 @@ class RedisLog(RedisAppender):
             LogUnavailable: Redis cannot be reached (the server does not start).
         """
         try:
+            version = str((await self._redis.info("server")).get("redis_version", "0"))
             epoch, last = await self._position()
         except RedisError as exc:
             await self.aclose()
             raise LogUnavailable(f"cannot reach the event log at {self._where()}: {exc}") from exc
+        if int(version.split(".")[0]) < 7:
+            await self.aclose()
+            # XINFO's entries-added, which tells a trimmed stream, came with Redis 7
+            raise LogUnavailable(f"the event log needs Redis 7 or newer, not {version}")
         self.hub.start_at(epoch, seq_of(last))
         self.hub.backfill = self.backfill
         self._last = last
         self.connected.set()
         self._reader = asyncio.create_task(self._follow(), name="longlived-redis-reader")
+        self._refresher = asyncio.create_task(self._refresh(), name="longlived-redis-claims")
         log.info("Following the event log %s at %s (epoch %s)", self.stream, self._where(), epoch)
 
     async def close(self) -> None:
         """Stop following and close the connections."""
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.wait([self._reader])
+        tasks = [task for task in (self._reader, self._refresher) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         await self.aclose()
 
     async def owner(self, id: int) -> str | None:
@@ -294,79 +332,118 @@ class RedisLog(RedisAppender):
             raise LogUnavailable(f"cannot read the owner of {id}: {exc}") from exc
         return _text(owner) if owner is not None else None
 
-    async def claim(self, id: int, owner: str) -> None:
-        """Record ``owner`` as the holder of ``id`` for ``claim_ttl`` seconds from now.
+    async def claim(self, id: int, owner: str, *, take_over: bool = False) -> str:
+        """Record ``owner`` as the holder of ``id`` (kept while its stream is open, and
+        ``claim_ttl`` seconds after), unless another caller holds it and ``take_over`` is
+        False; who holds it now.
 
         Raises:
             LogUnavailable: Redis cannot be reached.
         """
+        key = f"{self._owner_prefix}{id}"
+        args: list[str | int] = [owner, self.settings.claim_ttl, "1" if take_over else "0"]
         try:
-            await self._redis.set(f"{self._owner_prefix}{id}", owner, ex=self.settings.claim_ttl)
+            holder = _text(await self._claim(keys=[key], args=args))
         except RedisError as exc:
             raise LogUnavailable(f"cannot record the owner of {id}: {exc}") from exc
+        if holder == owner:
+            self._claimed[id] = owner
+        return holder
+
+    async def _refresh(self) -> None:
+        """Keep the claims of open streams from expiring (every third of ``claim_ttl``)."""
+        ttl = self.settings.claim_ttl
+        while True:
+            await self._sleep(ttl / 3)
+            open_now = {
+                id: owner
+                for id, owner in self._claimed.items()
+                if (sub := self.hub.get(id)) is not None and sub.owner == owner
+            }
+            self._claimed = open_now
+            try:
+                for id, owner in open_now.items():
+                    await self._refresh_claim(keys=[f"{self._owner_prefix}{id}"], args=[owner, ttl])
+            except RedisError as exc:
+                log.warning("Could not refresh subscriber ownership in the event log: %s", exc)
 
     # ------------------------------------------------------------------ reading
 
     async def _follow(self) -> None:
-        """The one reader: deliver every entry after the last one read, in order."""
-        failures = 0
+        """The one reader: deliver every entry after the last one read, in order.
+
+        It checks the log is still the one it follows (its epoch, and that nothing after
+        its last entry was trimmed away) after a failure, when it is behind (a full batch)
+        and every ``_CHECK`` seconds; it never ends on an error, only on cancellation.
+        """
+        loop = asyncio.get_running_loop()
+        failures, checked = 0, loop.time()
         while True:
             try:
-                if failures:
-                    await self._reconnected()
-                    failures = 0
-                answer = await self._redis.xread(
-                    {self.stream: self._last}, block=round(_BLOCK * 1000), count=1000
+                if failures or loop.time() - checked > _CHECK:
+                    await self._check()
+                    checked = loop.time()
+                    if failures:
+                        failures = 0
+                        self.disconnected.clear()
+                        self.connected.set()
+                        log.info("Following the event log at %s again", self._where())
+                answer = await self._writes.xread(  # the client that never retries by itself
+                    {self.stream: self._last}, block=round(_BLOCK * 1000), count=_BATCH
                 )
-                streams = cast("list[tuple[bytes, object]]", answer or [])
-            except RedisError as exc:
+                batch = [e for _, entries in cast("list[tuple[bytes, object]]", answer or [])
+                         for e in _entries(entries)]  # fmt: skip
+            except Exception as exc:  # Redis errors, and anything else: the reader goes on
                 self.connected.clear()
+                self.disconnected.set()
                 delay = self._backoff.compute(min(failures, 64), self._rng)
                 failures += 1
-                log.warning("The event log at %s is unavailable (%s); reading again in %.2fs",
+                log.warning("The event log at %s is unavailable (%r); reading again in %.2fs",
                             self._where(), exc, delay)  # fmt: skip
                 await self._sleep(delay)
                 continue
-            for _, entries in streams:
-                for entry, fields in _entries(entries):
-                    self._deliver(entry, fields)
+            for entry, fields in batch:
+                self._deliver(entry, fields)
+            if len(batch) == _BATCH:  # behind: make sure it has not been trimmed past us
+                checked = loop.time() - _CHECK - 1
 
-    async def _reconnected(self) -> None:
-        """Back after a failure: carry on from the last entry, unless the log was lost."""
+    async def _check(self) -> None:
+        """Follow a new log if this one was lost; end every stream if events after the
+        last one read were trimmed before this replica read them (its clients resume and
+        get RESET rather than a silent gap)."""
         epoch, last = await self._position()
         if epoch != self.hub.epoch:
             self.hub.log_lost(epoch, seq_of(last))
             self._last = last
-        self.connected.set()
-        log.info("Following the event log at %s again", self._where())
+            return
+        info = await self._redis.xinfo_stream(self.stream)
+        first = info.get("first-entry")
+        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
+        if trimmed and first is not None and seq_of(_text(first[0])) > seq_of(self._last):
+            # the entry right after ours may be the first one kept; unknown, so no risk taken
+            self.hub.log_lost(epoch, seq_of(last), reason=EndReason.EVENTS_LOST)
+            self._last = last
 
     def _deliver(self, entry: str, fields: dict[bytes, bytes]) -> None:
         self._last = entry
-        seq = seq_of(entry)
-        if seq <= self.hub.head.seq:  # read twice across a reconnect
+        try:
+            seq = seq_of(entry)
+            if seq <= self.hub.head.seq:  # read twice across a reconnect
+                return
+            to = fields.get(b"to")
+            data = fields.get(b"d", b"").decode()
+            topic = fields.get(b"t", b"").decode()
+            target = int(to) if to is not None else None
+        except ValueError as exc:  # not one of ours (a bad id, bad UTF-8): never the reader's end
+            log.error("Skipping entry %s of the event log: %s", entry, exc)
             return
-        to = fields.get(b"to")
-        self.hub.deliver(
-            seq,
-            fields.get(b"d", b"").decode(),
-            topic=fields.get(b"t", b"").decode(),
-            to=int(to) if to is not None else None,
-            payload=fields.get(b"p", b""),
-        )
+        self.hub.deliver(seq, data, topic=topic, to=target, payload=fields.get(b"p", b""))
 
     async def backfill(
         self, after: int, upto: int, id: int, topics: frozenset[str]
     ) -> list[bytes] | str:
         """The messages for subscriber ``id`` with ``after < seq <= upto``, read from the
         stream; or why it no longer has them (trimmed by ``MAXLEN``)."""
-        info = await self._redis.xinfo_stream(self.stream)
-        first = info.get("first-entry")
-        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
-        # MAXLEN trims from the oldest end: everything after the token is still there if
-        # the token's own entry is (or nothing was ever trimmed). The entry just before the
-        # first one kept is unknown, so a token naming it is reset too: never a silent gap
-        if trimmed and (first is None or after < seq_of(_text(first[0]))):
-            return "resume token older than the retained log"
         messages: list[bytes] = []
         start = f"({entry_id(after)}"
         while True:
@@ -389,5 +466,14 @@ class RedisLog(RedisAppender):
                     )
                 )
             if len(entries) < 1000:
-                return messages
+                break
             start = f"({entries[-1][0]}"
+        # checked after reading: trimming takes the oldest first, so if the token's own entry
+        # is still there (or nothing was ever trimmed) nothing after it was missing either.
+        # The entry just before the first one kept is unknown: a token naming it gets RESET
+        info = await self._redis.xinfo_stream(self.stream)
+        first = info.get("first-entry")
+        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
+        if trimmed and (first is None or after < seq_of(_text(first[0]))):
+            return "resume token older than the retained log"
+        return messages

@@ -25,6 +25,9 @@ class EndReason(enum.Enum):
     MAX_AGE = "max connection age reached"
     """The stream lived longer than the server's ``max_connection_age``."""
     LOG_LOST = "the shared event log was lost"
+    EVENTS_LOST = "events were trimmed from the shared log before this replica read them"
+    """This replica fell behind the log's retention (cut off from Redis too long): its
+    clients resume, and get RESET."""
     """The Redis log came back without its events (a restart without persistence): the
     client resumes, and its old position gets RESET."""
 
@@ -37,6 +40,8 @@ class Gap:
     after: int
     upto: int
     recent: list[bytes]
+    head: int
+    """The head when it registered: its live messages come after this."""
 
 
 class Subscriber:

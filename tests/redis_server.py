@@ -107,6 +107,8 @@ async def redis_cluster(directory: Path) -> AsyncIterator[list[RedisServer]]:
     nodes = []
     for _ in range(3):
         port = _free_port()
+        while port > 55_000:  # a node also listens on port + 10000, its cluster bus
+            port = _free_port()
         nodes.append(RedisServer(port, "--cluster-enabled", "yes", "--dir", str(directory),
                                  "--cluster-config-file", f"nodes-{port}.conf"))  # fmt: skip
     try:

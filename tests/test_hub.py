@@ -252,3 +252,24 @@ def test_resume_looks_only_at_what_was_missed() -> None:
     sub = hub.register(1, resume=Position("e1", 9_997).token)
     assert [data for _, data, _ in decode(list(sub._queue))] == ["9997", "9998", "9999"]
     assert hub._history.looked == 4  # the three missed, and the one that ends the walk
+
+
+async def test_a_backfill_with_nothing_missed_marks_the_registration_not_the_head() -> None:
+    """Live events queued during a slow backfill used to follow a HEARTBEAT at the newer
+    head, so a client dropped them as already seen."""
+    hub = make_hub(history_size=2)
+    release: asyncio.Future[list[bytes] | str] = asyncio.get_running_loop().create_future()
+
+    async def backfill(after: int, upto: int, id: int, topics: frozenset[str]) -> list[bytes] | str:
+        return await release
+
+    hub.backfill = backfill
+    for n in range(5):
+        hub.publish(str(n), topic="other")
+    sub = hub.register(1, topics=["mine"], resume=Position("e1", 1).token)
+    filling = asyncio.ensure_future(hub.fill(sub))
+    hub.publish("live", topic="mine")  # arrives while the log is being read
+    release.set_result([])
+    await filling
+    got = decode(await sub.take())
+    assert got == [(ResponseKind.HEARTBEAT, "", 5), (ResponseKind.DATA, "live", 6)]

@@ -8,18 +8,23 @@ two replicas on one Redis, move a client between them, and restart Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from longlived import (
     AuthSettings,
+    Backoff,
     BackoffSettings,
+    EndReason,
+    Hub,
     Position,
     Publisher,
     PublishRefused,
@@ -34,7 +39,9 @@ from longlived import (
     SubscriptionClosed,
     SubscriptionManager,
 )
+from longlived._wire import encode_message
 from longlived.errors import LogUnavailable
+from longlived.redislog import RedisAppender, RedisLog
 from tests.h2peer import H2Peer, grpc_body, request_headers
 from tests.helpers import channel_for, subscription
 from tests.proxy import proxy_to
@@ -531,3 +538,174 @@ async def test_two_replicas_on_a_redis_cluster(base: Settings, tmp_path: Path) -
             finally:
                 for channel in channels:
                     channel.close()
+
+
+# ------------------------------------------------------------ found in review: Redis edges
+
+
+@asynccontextmanager
+async def behind_a_proxy(redis: RedisServer, base: Settings, **redis_options: object):  # type: ignore[no-untyped-def]  # an async generator context
+    """A replica whose Redis connections go through a proxy the test can cut."""
+    async with proxy_to(("127.0.0.1", redis.port)) as (cut, port):
+        url = f"redis://127.0.0.1:{port}/0"
+        settings = base.model_copy(
+            update={
+                "redis": RedisSettings(url=url, timeout=0.3, **redis_options),  # type: ignore[arg-type]
+                "backoff": BackoffSettings(initial=0.02, max=0.1),
+            }
+        )
+        async with serving(settings) as replica:
+            yield replica, cut
+
+
+async def test_a_replica_cut_off_longer_than_the_retention_resets_instead_of_skipping(
+    redis: RedisServer, base: Settings
+) -> None:
+    appender = RedisAppender(RedisSettings(url=redis.url, maxlen=100), dedup_window=120)
+    try:
+        async with behind_a_proxy(redis, base, maxlen=100) as (replica, cut):
+            channel = channel_for(replica.settings)
+            try:
+                with pytest.raises(GRPCError) as info:
+                    async with subscription(channel, Request(id=1, accept_control=True)) as sub:
+                        first = await appender.append("0")
+                        got = await messages(sub, 2)
+                        assert data(got) == ["0"]
+                        cut.hold()
+                        cut.abort_all()  # the replica is cut off from Redis
+                        for n in range(1, 1000):  # far past the retention of 100
+                            await appender.append(str(n))
+                        cut.release()
+                        async with asyncio.timeout(TIMEOUT):
+                            while await sub.recv_message() is not None:
+                                pass
+                assert info.value.status is Status.UNAVAILABLE
+                assert info.value.message == EndReason.EVENTS_LOST.value
+                resume = Request(id=1, resume_token=first.position.token)
+                async with subscription(channel, resume) as sub:
+                    [reset] = await messages(sub, 1)
+                assert reset.kind == ResponseKind.RESET
+            finally:
+                channel.close()
+    finally:
+        await appender.aclose()
+
+
+async def test_a_resume_on_a_replica_behind_the_log_waits_for_it(
+    redis: RedisServer, base: Settings
+) -> None:
+    """A token from a replica ahead used to get RESET ("from the future")."""
+    appender = RedisAppender(RedisSettings(url=redis.url), dedup_window=120)
+    try:
+        async with behind_a_proxy(redis, base) as (replica, cut):
+            await appender.append("read by the replica")
+            channel = channel_for(replica.settings)
+            try:
+                async with subscription(channel, 9) as sub:
+                    assert data(await messages(sub, 1)) == ["read by the replica"]
+                cut.hold()
+                cut.abort_all()  # the replica falls behind the log
+                ahead = await appender.append("not read yet")
+                resume = Request(id=1, resume_token=ahead.position.token)
+                with pytest.raises(GRPCError) as info:
+                    async with subscription(channel, resume):
+                        pass
+                assert info.value.status is Status.UNAVAILABLE  # retry, not RESET
+                cut.release()
+                async with subscription(channel, resume) as sub:
+                    await appender.append("after")
+                    got = await messages(sub, 2)
+                assert [m.kind for m in got] == [ResponseKind.HEARTBEAT, ResponseKind.DATA]
+                assert data(got) == ["after"]
+            finally:
+                channel.close()
+    finally:
+        await appender.aclose()
+
+
+async def test_entries_that_are_not_ours_are_skipped_and_the_reader_goes_on(
+    redis: RedisServer, base: Settings
+) -> None:
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        async with serving(on(redis, base)) as server:
+            channel = channel_for(server.settings)
+            try:
+                async with subscription(channel, 1) as sub:
+                    await client.xadd("{longlived}:events", {"d": "x", "to": "seven"})
+                    await client.xadd("{longlived}:events", {"d": b"\xff\xfe"})
+                    await server.emit("still read")
+                    assert data(await messages(sub, 1)) == ["still read"]
+            finally:
+                channel.close()
+    finally:
+        await client.aclose()
+
+
+async def test_two_callers_racing_for_an_id_cannot_both_hold_it(redis: RedisServer) -> None:
+    hub = Hub(encode=encode_message, queue_size=10, history_size=10)
+    log = RedisLog(RedisSettings(url=redis.url), hub, dedup_window=120, backoff=Backoff())
+    try:
+        results = await asyncio.gather(log.claim(7, "alice"), log.claim(7, "bob"))
+        assert results[0] == results[1]  # whoever came first holds it, for both
+        assert await log.owner(7) == results[0]
+        assert await log.claim(7, "bob", take_over=True) == "bob"  # an allowed takeover
+    finally:
+        await log.aclose()
+
+
+async def test_an_open_streams_claim_is_kept_alive(redis: RedisServer) -> None:
+    """Ownership used to expire claim_ttl after the subscribe, the stream still open."""
+    tick, waiting = asyncio.Event(), asyncio.Event()
+
+    async def sleep(delay: float) -> None:  # the refresher's pause between rounds
+        waiting.set()
+        await tick.wait()
+        tick.clear()
+
+    hub = Hub(encode=encode_message, queue_size=10, history_size=10)
+    settings = RedisSettings(url=redis.url, claim_ttl=60)
+    log = RedisLog(settings, hub, dedup_window=120, backoff=Backoff(), sleep=sleep)
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        await log.start()
+        hub.register(7, owner="alice")
+        assert await log.claim(7, "alice") == "alice"
+        await client.expire("{longlived}:owner:7", 1)  # as if most of the ttl had passed
+        async with asyncio.timeout(TIMEOUT):
+            await waiting.wait()
+            waiting.clear()
+            tick.set()  # the refresher's next round
+            await waiting.wait()  # it has done that round
+        assert await client.ttl("{longlived}:owner:7") > 1
+        assert await log.owner(7) == "alice"
+    finally:
+        await log.close()
+        await client.aclose()
+
+
+async def test_the_mock_source_survives_a_redis_outage(redis: RedisServer, base: Settings) -> None:
+    settings = on(redis, base).model_copy(
+        update={"interval": 0.02, "backoff": BackoffSettings(initial=0.02, max=0.1)}
+    )
+    async with serving(settings) as server:
+        assert server._log is not None
+        channel = channel_for(server.settings)
+        try:
+            with contextlib.suppress(GRPCError):  # it ends when Redis comes back empty
+                async with subscription(channel, 3) as sub:
+                    assert data(await messages(sub, 1)) == ["data mock for: 3"]
+                    await redis.kill()  # the mock's next emits fail
+                    async with asyncio.timeout(TIMEOUT):
+                        await server._log.disconnected.wait()
+        finally:
+            channel.close()
+        await redis.start()
+        async with asyncio.timeout(TIMEOUT):
+            await server._log.connected.wait()
+        channel = channel_for(server.settings)
+        try:
+            async with subscription(channel, 3) as sub:
+                assert data(await messages(sub, 1)) == ["data mock for: 3"]
+        finally:
+            channel.close()
