@@ -177,10 +177,6 @@ class RedisAppender:
         self._dedup_prefix = f"{{{name}}}:dedup:"
         self._owner_prefix = f"{{{name}}}:owner:"
         self._window_ms = max(1, round(dedup_window * 1000))
-        # reads (and the idempotent writes: owners) retry once on a fresh connection when a
-        # Redis restart broke the pooled one; appends never do (one may have gone through)
-        # bounded pools that wait for a free connection (redis-py's default pool refuses
-        # the 101st concurrent command): a burst of resubscribes queues instead of failing
         self._redis = _client(settings, reads=True)
         self._writes = _client(settings, reads=False)
         self._append = self._writes.register_script(_APPEND)
