@@ -26,6 +26,7 @@ from longlived.errors import (
 )
 from longlived.events import Published
 from longlived.hub import EndReason, Event, Hub, Kind, Position, Subscriber
+from longlived.payload import PayloadTypeError, TypedEvent, pack, unpack
 from longlived.publisher import Publisher
 from longlived.server import PACKAGES, SubscriptionManager
 from longlived.settings import (
@@ -63,6 +64,7 @@ __all__ = [
     "LonglivedError",
     "LonglivedStub",
     "MetricsSettings",
+    "PayloadTypeError",
     "Position",
     "PublishRefused",
     "PublishSettings",
@@ -83,5 +85,8 @@ __all__ = [
     "SubscriptionManager",
     "TlsError",
     "TlsSettings",
+    "TypedEvent",
     "load_settings",
+    "pack",
+    "unpack",
 ]

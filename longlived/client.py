@@ -20,10 +20,11 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
+import betterproto2
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
@@ -42,9 +43,12 @@ from longlived.backoff import Backoff
 from longlived.errors import ResumeExpired, RetriesExhausted, SubscriptionClosed, TlsError
 from longlived.events import Position
 from longlived.metrics import Sample, client_samples
+from longlived.payload import TypedEvent, unpack
 from longlived.settings import Settings
 
 __all__ = ["RETRYABLE_STATUSES", "ResilientClient"]
+
+M = TypeVar("M", bound=betterproto2.Message)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +179,24 @@ class ResilientClient:
             # the first iteration, or the previous one ended (RESET, unsubscribe): start anew
             self._iterator = self._messages()
         return self._iterator
+
+    async def events(self, message_type: type[M]) -> AsyncIterator[TypedEvent[M]]:
+        """Iterate as ``async for response in client``, each event's payload decoded as
+        ``message_type`` (the app's own generated message)::
+
+            async for event in client.events(Order):
+                print(event.payload.id)  # an Order, for mypy too
+
+        Raises what iterating raises, and ``PayloadTypeError`` for an event whose payload
+        is missing or of another type (the client's position is already past it).
+        """
+        async for response in self:
+            yield TypedEvent(
+                payload=unpack(response.payload, message_type),
+                token=response.token,
+                topic=response.topic,
+                data=response.data,
+            )
 
     async def _messages(self) -> AsyncGenerator[Response, None]:
         try:

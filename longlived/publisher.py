@@ -47,6 +47,7 @@ from longlived._wire import MAX_ID, NO_RETRY_HEADER, check_publish
 from longlived.backoff import Backoff
 from longlived.errors import LogUnavailable, PublishRefused, RetriesExhausted, TlsError
 from longlived.events import Position, Published
+from longlived.payload import encode_payload
 from longlived.redislog import RedisAppender
 from longlived.settings import Settings
 
@@ -124,8 +125,9 @@ class Publisher:
             data: the text payload (``Response.data``).
             topic: the topic to publish on ("": subscribers without topics get it).
             to: the one subscriber id to send to (then ``topic`` must be empty).
-            payload: a ``google.protobuf.Any`` message (longlived's or the app's generated
-                class), passed to subscribers as it is.
+            payload: a typed payload: any generated message of the app's (packed into a
+                ``google.protobuf.Any``) or an ``Any`` already packed, passed to
+                subscribers as it is; they decode it with ``client.events(MessageType)``.
             key: the idempotency key; None picks a fresh random one. A publish with a key
                 the server saw within its window is not emitted again.
 
@@ -140,7 +142,7 @@ class Publisher:
             RetriesExhausted: every attempt allowed failed.
             TlsError: the server's certificate failed verification.
             ValueError: ``to`` is outside 0..2**31-1 or ``key`` is empty.
-            TypeError: ``payload`` is not a ``google.protobuf.Any``.
+            PayloadTypeError: ``payload`` is not a generated protobuf message.
             RuntimeError: the publisher is closed, or was closed during the publish (the
                 event may or may not have been emitted).
         """
@@ -297,16 +299,11 @@ class Publisher:
 
 
 def _as_any(payload: betterproto2.Message | None) -> ProtoAny | None:
-    """``payload`` as longlived's own ``Any`` class, its bytes unchanged."""
+    """``payload`` as longlived's own ``Any`` class: packed, unless it is an ``Any`` already
+    (longlived's or the app's own generated class), whose bytes are kept as they are."""
     if payload is None or isinstance(payload, ProtoAny):
         return payload
-    descriptor = getattr(type(payload), "DESCRIPTOR", None)
-    if getattr(descriptor, "full_name", None) != "google.protobuf.Any":
-        raise TypeError(
-            f"payload must be a google.protobuf.Any (pack the message into one first), "
-            f"not {type(payload).__name__}"
-        )
-    return ProtoAny.FromString(bytes(payload))  # an app's own generated Any class
+    return ProtoAny.FromString(encode_payload(payload))
 
 
 def _position(reply: PublishReply) -> Position:

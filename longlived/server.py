@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+import betterproto2
 import grpclib.const
 import grpclib.server
 from grpclib.const import Status
@@ -43,6 +44,7 @@ from longlived.errors import LogUnavailable, SubscriptionClosed
 from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
+from longlived.payload import encode_payload
 from longlived.redislog import RedisLog
 from longlived.settings import Settings
 from longlived.tls import server_context
@@ -160,7 +162,7 @@ class SubscriptionManager:
         *,
         topic: str = "",
         to: int | None = None,
-        payload: bytes = b"",
+        payload: bytes | betterproto2.Message = b"",
         key: str = "",
     ) -> Published:
         """Emit one event, as the Publish RPC does: to subscriber ``to``, or to every
@@ -170,11 +172,15 @@ class SubscriptionManager:
             data: the text payload (``Response.data``).
             topic: the topic to publish on (with ``to`` unset).
             to: the one subscriber id to send to.
-            payload: an encoded ``google.protobuf.Any``, passed to subscribers as it is.
+            payload: a typed payload: any generated message of the app's (packed into a
+                ``google.protobuf.Any``), an ``Any`` already packed, or its encoded bytes;
+                subscribers decode it with ``client.events(MessageType)``.
             key: an idempotency key: a second emit with the same key within
                 ``settings.publish.dedup_window`` seconds emits nothing and returns the
                 first one's position.
         """
+        if isinstance(payload, betterproto2.Message):
+            payload = encode_payload(payload)
         if self._log is not None:
             return await self._log.append(data, topic=topic, to=to, payload=payload, key=key)
         position, duplicate = self.hub.emit(data, topic=topic, to=to, payload=payload, key=key)

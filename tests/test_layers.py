@@ -17,6 +17,7 @@ NO_GRPC = [
     "hub",
     "_dedup",
     "redislog",
+    "payload",
     "_status",
     "_wire",
     "_call",

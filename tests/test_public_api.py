@@ -23,6 +23,7 @@ def test_exported_names() -> None:
         "LonglivedError",
         "LonglivedStub",
         "MetricsSettings",
+        "PayloadTypeError",
         "Position",
         "PublishRefused",
         "PublishSettings",
@@ -43,7 +44,10 @@ def test_exported_names() -> None:
         "SubscriptionManager",
         "TlsError",
         "TlsSettings",
+        "TypedEvent",
         "load_settings",
+        "pack",
+        "unpack",
     ]
     for name in longlived.__all__:
         assert getattr(longlived, name) is not None

@@ -557,7 +557,7 @@ async def test_aclose_ends_a_publish_that_is_retrying(
         ({"to": -1}, ValueError, "out of range"),
         ({"to": 2**32 + 5}, ValueError, "out of range"),
         ({"key": ""}, ValueError, "must not be empty"),
-        ({"payload": Request(id=1)}, TypeError, "google.protobuf.Any"),
+        ({"payload": "not a message"}, TypeError, "is not a generated protobuf message"),
     ],
 )
 async def test_bad_arguments_are_refused_before_anything_is_sent(
