@@ -714,3 +714,22 @@ async def test_the_mock_source_survives_a_redis_outage(redis: RedisServer, base:
                 assert data(await messages(sub, 1)) == ["data mock for: 3"]
         finally:
             channel.close()
+
+
+async def test_typed_payloads_travel_through_redis(redis: RedisServer, base: Settings) -> None:
+    settings = on(redis, base)
+    async with (
+        serving(settings) as a,
+        serving(settings) as b,
+        ResilientClient(4, settings=b.settings) as client,
+    ):
+        events = client.events(Request)
+        first = asyncio.ensure_future(anext(events))
+        async with asyncio.timeout(TIMEOUT):
+            await client.connected.wait()
+            published = await a.emit(payload=Request(id=9, topics=["x"]), to=4)
+            event = await first
+        assert (event.payload, event.token) == (
+            Request(id=9, topics=["x"]),
+            published.position.token,
+        )
