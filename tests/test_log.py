@@ -603,10 +603,10 @@ async def test_a_resume_on_a_replica_behind_the_log_waits_for_it(
     appender = RedisAppender(RedisSettings(url=redis.url), dedup_window=120)
     try:
         async with behind_a_proxy(redis, base) as (replica, cut):
-            await appender.append("read by the replica")
             channel = channel_for(replica.settings)
             try:
-                async with subscription(channel, 9) as sub:
+                async with subscription(channel, 9) as sub:  # subscribed before the append
+                    await appender.append("read by the replica")
                     assert data(await messages(sub, 1)) == ["read by the replica"]
                 cut.hold()
                 cut.abort_all()  # the replica falls behind the log
