@@ -346,7 +346,10 @@ class ResilientClient:
 
         Raises:
             SubscriptionClosed: NOT_FOUND when the server has no subscriber with this id.
+            RuntimeError: the client is closed.
         """
+        if self._closed:  # a channel opened now would never be closed
+            raise RuntimeError("client is closed")
         channel = self._get_channel()
         try:
             async with (

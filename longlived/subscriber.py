@@ -101,8 +101,13 @@ class Subscriber:
         return len(self._queue)
 
     def full(self) -> bool:
-        """Whether one more live message would overflow the queue."""
-        return len(self._queue) >= self.limit + self._allowance
+        """Whether one more live message would overflow the queue.
+
+        While what it missed is still being read from a shared log (``gap``), its writer has
+        not started: live messages may queue up to twice the bound meanwhile.
+        """
+        limit = self.limit + self._allowance
+        return len(self._queue) >= (limit + self.limit if self.gap is not None else limit)
 
     def put(self, message: bytes) -> None:
         """Queue ``message`` (the caller checked ``full()``)."""

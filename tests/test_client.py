@@ -268,3 +268,14 @@ def test_id_outside_int32_is_refused(id: int) -> None:
     # the wire carries an int32: 2**32 + 5 would silently subscribe as 5
     with pytest.raises(ValueError, match=f"{re.escape(str(id))}.*0 to 2147483647"):
         ResilientClient(id)
+
+
+async def test_unsubscribe_after_aclose_opens_nothing(
+    settings: Settings, listener: socket.socket
+) -> None:
+    listener.close()  # nothing is ever contacted
+    client = ResilientClient(1, settings=settings)
+    await client.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.unsubscribe()
+    assert client._channel is None

@@ -273,3 +273,25 @@ async def test_a_backfill_with_nothing_missed_marks_the_registration_not_the_hea
     await filling
     got = decode(await sub.take())
     assert got == [(ResponseKind.HEARTBEAT, "", 5), (ResponseKind.DATA, "live", 6)]
+
+
+async def test_live_events_during_a_backfill_do_not_make_the_subscriber_too_slow() -> None:
+    """Its writer waits for the shared log: what arrives meanwhile is not lag."""
+    hub = make_hub(queue_size=2, history_size=2)
+    release: asyncio.Future[list[bytes] | str] = asyncio.get_running_loop().create_future()
+
+    async def backfill(after: int, upto: int, id: int, topics: frozenset[str]) -> list[bytes] | str:
+        return await release
+
+    hub.backfill = backfill
+    for n in range(5):
+        hub.publish(str(n))
+    sub = hub.register(1, resume=Position("e1", 1).token)
+    filling = asyncio.ensure_future(hub.fill(sub))
+    for n in range(3):  # over the bound of 2, under twice it
+        hub.publish(f"live {n}")
+    assert sub.end_reason is None
+    release.set_result([])
+    await filling
+    got = [data for _, data, _ in decode(await sub.take())]
+    assert got == ["3", "4", "live 0", "live 1", "live 2"]
