@@ -223,10 +223,9 @@ class SubscribeCall(_Call):
         try:
             request, caller = await admit_request(host, transport)
             await self._authorize(request, caller)
+            await self._caught_up(request.resume_token)
         except CallError as exc:
             await self._refuse(exc)
-            return
-        if not await self._caught_up(request.resume_token):
             return
         transport.admitted()
         log.info("Received subscribe request from ID: %d", request.id)
@@ -247,36 +246,33 @@ class SubscribeCall(_Call):
             raise
         except Exception as exc:  # logged here, answered here: not raised to be logged again
             log.warning("Failed to send data to client %d: %r", sub.id, exc)
-            host.hub.release(sub)  # before the status, which may take a while to go out
-            await transport.finish(
-                Code.UNKNOWN, "internal error", timeout=host.settings.drain_timeout
-            )
+            await self._abandon(sub, Code.UNKNOWN, "internal error")
         finally:
             host.hub.release(sub)
 
-    async def _caught_up(self, token: str) -> bool:
+    async def _abandon(self, sub: Subscriber, code: Code, message: str) -> None:
+        """End the call early: ``sub`` leaves the hub before the status, which may take a
+        while to go out."""
+        self.host.hub.release(sub)
+        await self.transport.finish(code, message, timeout=self.host.settings.drain_timeout)
+
+    async def _caught_up(self, token: str) -> None:
         """With a shared log, a token from a replica ahead of this one (its reader is
-        behind) waits until this one has read that far; False (and the call answered
-        UNAVAILABLE) if it does not within ``redis.timeout``."""
+        behind) waits until this one has read that far; UNAVAILABLE if it does not within
+        ``redis.timeout``."""
         hub = self.host.hub
         position = Position.parse(token) if token else None
         if hub.backfill is None or position is None or position.epoch != hub.epoch:
-            return True
-        if position.seq <= hub.head.seq:
-            return True
+            return
         limit = self.host.settings.redis.timeout
         try:
             async with asyncio.timeout(limit):
                 await hub.reach(position.seq)
         except TimeoutError:
-            await self._refuse(
-                CallError(
-                    Code.UNAVAILABLE,
-                    f"this replica has not read up to the resume position within {limit:g}s",
-                )
-            )
-            return False
-        return True
+            raise CallError(
+                Code.UNAVAILABLE,
+                f"this replica has not read up to the resume position within {limit:g}s",
+            ) from None
 
     async def _fill(self, sub: Subscriber) -> bool:
         """Fetch what ``sub`` missed before the history from the shared log; False (and
@@ -285,12 +281,7 @@ class SubscribeCall(_Call):
             await self.host.hub.fill(sub)
         except Exception as exc:  # the log's own errors: a connection lost, a timeout
             log.warning("Client ID %d cannot resume now: the event log failed: %r", sub.id, exc)
-            self.host.hub.release(sub)
-            await self.transport.finish(
-                Code.UNAVAILABLE,
-                "the event log is unavailable; retry",
-                timeout=self.host.settings.drain_timeout,
-            )
+            await self._abandon(sub, Code.UNAVAILABLE, "the event log is unavailable; retry")
             return False
         return True
 
@@ -410,7 +401,7 @@ class PublishCall(_Call):
                 # one caller's keys are its own: nobody can suppress another's publish
                 key=f"{caller.name}:{request.idempotency_key}" if request.idempotency_key else "",
             )
-        except LogUnavailable as exc:  # nothing was emitted: the publisher retries, same key
+        except LogUnavailable as exc:  # it may or may not be in: the publisher retries, same key
             await self._refuse(CallError(Code.UNAVAILABLE, str(exc)))
             return
         position = published.position

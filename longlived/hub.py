@@ -220,8 +220,7 @@ class Hub:
             self._reset(sub, Position(self.epoch, gap.after).token, older)
             return
         # with nothing missed, the position it registered at: live ones may be queued already
-        at = self._encode(Kind.HEARTBEAT, Position(self.epoch, gap.head), "", "", b"")
-        sub.replay(older + gap.recent or [at], first=True)
+        sub.replay(older + gap.recent or [self.heartbeat(gap.head)], first=True)
 
     def _recent(self, id: int, topics: Collection[str], after: int) -> list[bytes]:
         """The history's messages after seq ``after`` for this subscriber."""
@@ -331,21 +330,10 @@ class Hub:
     async def reach(self, seq: int) -> None:
         """Wait until the head is at ``seq`` or past it (a replica reading a shared log
         behind another). Unbounded by itself: wrap it in ``asyncio.timeout``."""
-        loop = asyncio.get_running_loop()
-        while self._seq < seq:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._head_waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._head_waiters:
-                    self._head_waiters.remove(fut)
+        await _until(lambda: self._seq >= seq, self._head_waiters)
 
     def _head_moved(self) -> None:
-        waiters, self._head_waiters = self._head_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _wake(self._head_waiters)
 
     def start_at(self, epoch: str, seq: int) -> None:
         """Follow a shared log from position ``(epoch, seq)``: what came before is there."""
@@ -392,8 +380,8 @@ class Hub:
         if not history.maxlen:
             self._floor = self._seq  # nothing is kept
             return event
-        evicted = history[0] if history.maxlen and len(history) == history.maxlen else None
-        if history.maxlen and target is not None:
+        evicted = history[0] if len(history) == history.maxlen else None
+        if target is not None:
             self._targeted[target] += 1  # before the eviction: it may be the same id's
         history.append(event)
         if evicted is not None:
@@ -430,9 +418,10 @@ class Hub:
             sub.put(self._encode(Kind.RESET, position, reason, "", b""))
         return False
 
-    def heartbeat(self) -> bytes:
-        """A HEARTBEAT message carrying the current head position."""
-        return self._encode(Kind.HEARTBEAT, self.head, "", "", b"")
+    def heartbeat(self, seq: int | None = None) -> bytes:
+        """A HEARTBEAT message carrying the current head position (or that of ``seq``)."""
+        position = self.head if seq is None else Position(self.epoch, seq)
+        return self._encode(Kind.HEARTBEAT, position, "", "", b"")
 
     # ---------------------------------------------------------------- observing
 
@@ -441,18 +430,29 @@ class Hub:
 
         Unbounded by itself: wrap it in ``asyncio.timeout``.
         """
-        loop = asyncio.get_running_loop()
-        while not predicate():
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+        await _until(predicate, self._waiters)
 
     def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _wake(self._waiters)
+
+
+async def _until(predicate: Callable[[], bool], waiters: list[asyncio.Future[None]]) -> None:
+    """Wait until ``predicate()`` holds, re-checked each time ``waiters`` are woken."""
+    loop = asyncio.get_running_loop()
+    while not predicate():
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    """Wake everyone waiting in ``waiters`` (the list itself stays the same object)."""
+    woken = waiters.copy()
+    waiters.clear()
+    for fut in woken:
+        if not fut.done():
+            fut.set_result(None)

@@ -412,13 +412,21 @@ class RedisLog(RedisAppender):
             self.hub.log_lost(epoch, seq_of(last))
             self._last = last
             return
+        if await self._trimmed_after(seq_of(self._last)):
+            self.hub.log_lost(epoch, seq_of(last), reason=EndReason.EVENTS_LOST)
+            self._last = last
+
+    async def _trimmed_after(self, seq: int) -> bool:
+        """Whether an entry after ``seq`` may have been trimmed away.
+
+        Trimming takes the oldest first, so if the entry at ``seq`` is still there (or
+        nothing was ever trimmed) nothing after it is missing. The entry just before the
+        first one kept is unknown: ``seq`` naming it counts as trimmed too, no risk taken.
+        """
         info = await self._redis.xinfo_stream(self.stream)
         first = info.get("first-entry")
         trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
-        if trimmed and first is not None and seq_of(_text(first[0])) > seq_of(self._last):
-            # the entry right after ours may be the first one kept; unknown, so no risk taken
-            self.hub.log_lost(epoch, seq_of(last), reason=EndReason.EVENTS_LOST)
-            self._last = last
+        return trimmed and (first is None or seq < seq_of(_text(first[0])))
 
     def _deliver(self, entry: str, fields: dict[bytes, bytes]) -> None:
         self._last = entry
@@ -464,12 +472,7 @@ class RedisLog(RedisAppender):
             if len(entries) < 1000:
                 break
             start = f"({entries[-1][0]}"
-        # checked after reading: trimming takes the oldest first, so if the token's own entry
-        # is still there (or nothing was ever trimmed) nothing after it was missing either.
-        # The entry just before the first one kept is unknown: a token naming it gets RESET
-        info = await self._redis.xinfo_stream(self.stream)
-        first = info.get("first-entry")
-        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
-        if trimmed and (first is None or after < seq_of(_text(first[0]))):
+        # checked after reading: a trim during the reads is caught too
+        if await self._trimmed_after(after):
             return "resume token older than the retained log"
         return messages
