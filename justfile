@@ -5,9 +5,10 @@ export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 default:
     @just --list
 
-# Regenerate longlived/_proto from proto/ (betterproto2).
+# Regenerate longlived/_proto from proto/, and the examples' messages (betterproto2).
 codegen:
     python codegen/generate.py
+    python -m longlived.codegen --out examples/inventory/_proto examples/inventory/inventory.proto
 
 # ruff lint and format check.
 lint:

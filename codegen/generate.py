@@ -1,47 +1,26 @@
 """Generate ``longlived/_proto`` from ``proto/longlived.proto`` with betterproto2.
 
-Usage: ``python codegen/generate.py [OUT_DIR]`` (default: ``longlived/_proto``).
-The output is committed; ``tests/test_codegen.py`` regenerates it into a temporary
-directory and fails on any difference.
+Usage: ``python codegen/generate.py [OUT_DIR]`` (default: ``longlived/_proto``), or
+``just codegen``, which also regenerates the examples' messages. The output is committed;
+``tests/test_codegen.py`` regenerates it into a temporary directory and fails on any
+difference. Apps generate their own with ``python -m longlived.codegen`` (same options).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
+
+from longlived.codegen import generate as generate_from
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "longlived" / "_proto"
-OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
 def generate(out: Path) -> None:
-    """Run protoc (from grpcio-tools) with the betterproto2 plugin into ``out``."""
-    protos = sorted(str(p) for p in PROTO_DIR.glob("*.proto"))
-    env = dict(os.environ)
-    # The plugin is a console script installed next to this interpreter.
-    scripts = sysconfig.get_path("scripts")
-    env["PATH"] = os.pathsep.join([scripts, str(Path(sys.executable).parent), env.get("PATH", "")])
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"--python_betterproto2_out={tmp}",
-            f"--python_betterproto2_opt={OPTIONS}",
-            *protos,
-        ]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(tmp, out)
+    """longlived's own messages into ``out``."""
+    generate_from(sorted(PROTO_DIR.glob("*.proto")), out, include=[PROTO_DIR])
 
 
 if __name__ == "__main__":

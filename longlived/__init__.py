@@ -14,13 +14,16 @@ from longlived._proto.longlived import (
 )
 from longlived.auth import Caller
 from longlived.backoff import Backoff
+from longlived.cache import Change, ChangeType, WatchCache
 from longlived.client import RETRYABLE_STATUSES, ResilientClient
 from longlived.errors import (
     ConfigError,
+    LogUnavailable,
     LonglivedError,
     PublishRefused,
     ResumeExpired,
     RetriesExhausted,
+    StateFull,
     SubscriptionClosed,
     TlsError,
 )
@@ -41,6 +44,7 @@ from longlived.settings import (
     RedisSettings,
     ReplaySettings,
     Settings,
+    StateSettings,
     TlsSettings,
     load_settings,
 )
@@ -52,6 +56,8 @@ __all__ = [
     "Backoff",
     "BackoffSettings",
     "Caller",
+    "Change",
+    "ChangeType",
     "ConfigError",
     "EndReason",
     "Event",
@@ -60,6 +66,7 @@ __all__ = [
     "KeepaliveSettings",
     "Kind",
     "LimitSettings",
+    "LogUnavailable",
     "LonglivedBase",
     "LonglivedError",
     "LonglivedStub",
@@ -80,12 +87,15 @@ __all__ = [
     "ResumeExpired",
     "RetriesExhausted",
     "Settings",
+    "StateFull",
+    "StateSettings",
     "Subscriber",
     "SubscriptionClosed",
     "SubscriptionManager",
     "TlsError",
     "TlsSettings",
     "TypedEvent",
+    "WatchCache",
     "load_settings",
     "pack",
     "unpack",

@@ -22,7 +22,7 @@ from longlived._proto.longlived import PublishReply, PublishRequest, Request, Re
 from longlived._status import CallError, Code
 from longlived._wire import HEARTBEAT_HEADER, check_publish, check_request
 from longlived.auth import Caller
-from longlived.errors import LogUnavailable
+from longlived.errors import LogUnavailable, StateFull
 from longlived.events import Position
 from longlived.subscriber import EndReason, Subscriber
 
@@ -131,6 +131,8 @@ class CallHost(Protocol):
         to: int | None = None,
         payload: bytes = b"",
         key: str = "",
+        deleted: bool = False,
+        idempotency_key: str = "",
     ) -> Published:
         """Emit one event."""
         ...
@@ -234,6 +236,7 @@ class SubscribeCall(_Call):
             topics=request.topics,
             resume=request.resume_token,
             control=request.accept_control or request.heartbeat_ms > 0,
+            snapshot=request.snapshot,
             owner=caller.name,
         )
         try:
@@ -398,9 +401,16 @@ class PublishCall(_Call):
                 topic=request.topic,
                 to=request.to,
                 payload=bytes(request.payload) if request.payload is not None else b"",
+                key=request.key,
+                deleted=request.delete,
                 # one caller's keys are its own: nobody can suppress another's publish
-                key=f"{caller.name}:{request.idempotency_key}" if request.idempotency_key else "",
+                idempotency_key=(
+                    f"{caller.name}:{request.idempotency_key}" if request.idempotency_key else ""
+                ),
             )
+        except StateFull as exc:
+            await self._refuse(CallError(Code.RESOURCE_EXHAUSTED, str(exc), final=True))
+            return
         except LogUnavailable as exc:  # it may or may not be in: the publisher retries, same key
             await self._refuse(CallError(Code.UNAVAILABLE, str(exc)))
             return

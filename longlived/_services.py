@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import betterproto2
+from google.protobuf.descriptor import Descriptor, FileDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
@@ -40,17 +43,36 @@ def health_service(
     return Health(checks)
 
 
-def _pool() -> DescriptorPool:
-    """The generated descriptors plus health's and reflection's own, for reflection clients."""
+def _add(pool: DescriptorPool, file: FileDescriptor) -> None:
+    """``file`` and what it imports into ``pool`` (files it has already are kept)."""
+    for dependency in file.dependencies:
+        _add(pool, dependency)
+    try:
+        pool.FindFileByName(file.name)
+    except KeyError:
+        pool.AddSerializedFile(file.serialized_pb)
+
+
+def _pool(types: Iterable[type[betterproto2.Message]]) -> DescriptorPool:
+    """The generated descriptors plus health's and reflection's own, and the files of the
+    app's ``types``, for reflection clients."""
     pool = default_google_proto_descriptor_pool
     for module in (health_pb2, reflection_pb2):
-        try:
-            pool.FindFileByName(module.DESCRIPTOR.name)
-        except KeyError:
-            pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+        _add(pool, module.DESCRIPTOR)
+    for message_type in types:
+        descriptor = getattr(message_type, "DESCRIPTOR", None)
+        if not isinstance(descriptor, Descriptor):
+            raise TypeError(
+                f"{message_type.__name__} has no protobuf descriptor: generate it with "
+                "python -m longlived.codegen (google_protobuf_descriptors)"
+            )
+        _add(pool, descriptor.file)
     return pool
 
 
-def with_reflection(services: list[Servable]) -> list[Servable]:
-    """``services`` plus server reflection (v1 and v1alpha) describing all of them."""
-    return ServerReflection.extend(services, pool=_pool())
+def with_reflection(
+    services: list[Servable], types: Iterable[type[betterproto2.Message]] = ()
+) -> list[Servable]:
+    """``services`` plus server reflection (v1 and v1alpha) describing all of them and the
+    app's payload ``types`` (so tools can decode payloads by their type URL)."""
+    return ServerReflection.extend(services, pool=_pool(types))

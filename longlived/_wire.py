@@ -23,6 +23,7 @@ __all__ = [
     "MAX_TOPIC_LENGTH",
     "NO_RETRY_HEADER",
     "PACKAGES",
+    "check_keyed",
     "check_publish",
     "check_request",
     "check_topics",
@@ -64,20 +65,30 @@ def _varint(value: int) -> bytes:
 
 
 def encode_message(
-    kind: Kind, position: Position, data: str, topic: str, payload: bytes = b""
+    kind: Kind,
+    position: Position,
+    data: str,
+    topic: str,
+    payload: bytes = b"",
+    *,
+    key: str = "",
+    deleted: bool = False,
 ) -> bytes:
-    """One wire ``Response``: DATA, HEARTBEAT or RESET at ``position``.
+    """One wire ``Response`` of ``kind`` at ``position``.
 
     ``payload`` is an encoded ``google.protobuf.Any``; it is appended as field 6 as it is,
-    never decoded and encoded again.
+    never decoded and encoded again. A SNAPSHOT message carries no token: a stream cut
+    within a snapshot must not resume from the middle of it.
     """
     message = bytes(
         Response(
             data=data,
             seq=position.seq,
-            token=position.token,
+            token="" if kind is Kind.SNAPSHOT else position.token,
             kind=ResponseKind(kind.value),
             topic=topic,
+            key=key,
+            deleted=deleted,
         )
     )
     if payload:
@@ -129,6 +140,7 @@ _FIELD_TYPES: dict[str, type] = {
     "resume_token": str,
     "heartbeat_ms": int,
     "accept_control": bool,
+    "snapshot": bool,
 }
 
 
@@ -146,8 +158,23 @@ def _check_types(request: Request) -> None:
         raise CallError(Code.INVALID_ARGUMENT, "malformed Request message: topics")
 
 
+def check_keyed(key: str, delete: bool, to: int | None, payload: bool) -> str | None:
+    """What is wrong with a keyed event (a put or a delete of ``key``), or None."""
+    if not key:
+        return "delete needs the key to remove" if delete else None
+    if len(key) > MAX_KEY_LENGTH:
+        return f"key is {len(key)} characters (at most {MAX_KEY_LENGTH})"
+    if to is not None:
+        return "a keyed event goes to a topic, not to one id (to)"
+    if not delete and not payload:
+        return f"a put of key {key[:40]!r} needs a payload (the key's new value)"
+    return None
+
+
 def check_publish(request: PublishRequest) -> None:
     """Raise INVALID_ARGUMENT, naming the problem, for an event nobody may publish."""
+    if not isinstance(request.key, str) or not isinstance(request.delete, bool):
+        raise CallError(Code.INVALID_ARGUMENT, "malformed PublishRequest message: key")
     for name in ("data", "topic", "idempotency_key"):
         if not isinstance(getattr(request, name), str):
             raise CallError(Code.INVALID_ARGUMENT, f"malformed PublishRequest message: {name}")
@@ -168,6 +195,8 @@ def check_publish(request: PublishRequest) -> None:
             f"idempotency_key is {len(request.idempotency_key)} characters "
             f"(at most {MAX_KEY_LENGTH})",
         )
+    if problem := check_keyed(request.key, request.delete, to, request.payload is not None):
+        raise CallError(Code.INVALID_ARGUMENT, problem)
     payload = request.payload
     if payload is not None and not 0 < len(payload.type_url) <= MAX_TYPE_URL_LENGTH:
         raise CallError(

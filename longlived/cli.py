@@ -299,7 +299,9 @@ class _Publish:
 
     async def _one(self, publisher: Publisher, data: str, key: str | None = None) -> None:
         try:
-            published = await publisher.publish(data, topic=self.topic, to=self.to, key=key)
+            published = await publisher.publish(
+                data, topic=self.topic, to=self.to, idempotency_key=key
+            )
         except PublishRefused as exc:
             self.failure = f"publish refused: {exc}"
         except LonglivedError as exc:

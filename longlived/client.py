@@ -82,6 +82,10 @@ class ResilientClient:
         rng: randomness for backoff jitter (seed it for determinism).
         sleep: the sleep used between attempts (injected by tests).
         metadata: extra request metadata (for example an ``authorization`` header).
+        snapshot: follow the keyed state: every stream without a usable token starts
+            with the current values (SNAPSHOT messages), then SYNCED, and iterating yields
+            those too; a lost position gets a fresh snapshot instead of RESET. ``WatchCache``
+            builds on this.
 
     Raises:
         ValueError: ``id`` is out of range, or a topic name is not allowed.
@@ -97,11 +101,13 @@ class ResilientClient:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         metadata: Mapping[str, str] | None = None,
+        snapshot: bool = False,
     ) -> None:
         if not 0 <= id <= MAX_ID:
             # protobuf would silently keep the low 32 bits: 2**32 + 5 would subscribe as 5
             raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {MAX_ID}")
         self.id = id
+        self.snapshot = snapshot
         self.settings = settings if settings is not None else Settings()
         self.topics = list(self.settings.topics if topics is None else topics)
         if (problem := check_topics(self.topics)) is not None:
@@ -158,6 +164,7 @@ class ResilientClient:
             topics=self.topics,
             heartbeat_ms=_milliseconds(self.heartbeat),
             accept_control=True,
+            snapshot=self.snapshot,
         )
 
     def _get_channel(self) -> ResilientChannel:
@@ -303,6 +310,9 @@ class ResilientClient:
             self._move_to(response)
             log.warning("Client ID %d: RESET from the server: %s", self.id, response.data)
             raise ResumeExpired(response.token, response.data)
+        if response.kind in _STATE_KINDS:  # a snapshot replaces the state: never a duplicate
+            self._move_to(response)
+            return True
         position = Position.parse(response.token)
         if (
             position is not None
@@ -319,6 +329,10 @@ class ResilientClient:
         self._reset_streak = 0
         self.delivered += 1
         return True
+
+    def forget_position(self) -> None:
+        """Subscribe afresh next time (live, or from a new snapshot): drop the token."""
+        self._token, self._position = "", None
 
     def _move_to(self, response: Response) -> None:
         if response.token:  # the original server sends no positions
@@ -389,6 +403,9 @@ class ResilientClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_STATE_KINDS = frozenset({ResponseKind.SNAPSHOT, ResponseKind.SYNCED})
 
 
 def _milliseconds(period: float) -> int:

@@ -10,7 +10,8 @@
     ├── TlsError             the server's certificate failed verification (not retried)
     ├── RetriesExhausted     the client or publisher gave up retrying (``backoff.max_attempts``
     │                        failures, or a publish's retries outlasting ``publish.dedup_window``)
-    └── LogUnavailable       the shared event log (Redis) cannot be reached right now
+    ├── LogUnavailable       the shared event log (Redis) cannot be reached right now
+    └── StateFull            a put of a new key would exceed ``state.max_keys``
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "PublishRefused",
     "ResumeExpired",
     "RetriesExhausted",
+    "StateFull",
     "SubscriptionClosed",
     "TlsError",
 ]
@@ -112,4 +114,11 @@ class LogUnavailable(LonglivedError):
 
     A publish that raised it may have been appended anyway (a command that timed out after
     Redis took it): retry it with the same idempotency key, which emits it once.
+    """
+
+
+class StateFull(LonglivedError):
+    """A put of a new key was refused: the keyed state holds ``state.max_keys`` keys.
+
+    Nothing was emitted. Delete keys, or raise the limit.
     """

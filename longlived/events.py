@@ -8,8 +8,9 @@ travels as an opaque token.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 __all__ = ["Encoder", "Event", "Kind", "Position", "Published"]
 
@@ -20,6 +21,8 @@ class Kind(enum.IntEnum):
     DATA = 0
     HEARTBEAT = 1
     RESET = 2
+    SNAPSHOT = 3
+    SYNCED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,5 +75,18 @@ class Event:
         return not topics or self.topic in topics
 
 
-Encoder = Callable[[Kind, Position, str, str, bytes], bytes]
-"""``encode(kind, position, data, topic, payload) -> bytes``: one wire message."""
+class Encoder(Protocol):
+    """``encode(kind, position, data, topic, payload, key=, deleted=) -> bytes``: one wire
+    message (``payload`` an encoded ``google.protobuf.Any``; ``key`` for keyed events)."""
+
+    def __call__(
+        self,
+        kind: Kind,
+        position: Position,
+        data: str,
+        topic: str,
+        payload: bytes = b"",
+        *,
+        key: str = "",
+        deleted: bool = False,
+    ) -> bytes: ...

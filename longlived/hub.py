@@ -21,12 +21,13 @@ import asyncio
 import logging
 import secrets
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from longlived._dedup import Deduplicator
 from longlived.events import Encoder, Event, Kind, Position
+from longlived.state import Entry, KeyedState
 from longlived.subscriber import EndReason, Gap, Subscriber
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
 
 Policy = Literal["disconnect", "drop"]
 """What an overflowing queue does."""
+
+StateItem = tuple[str, str, int, str, bytes]
+"""One key of the keyed state read from a shared log: ``(topic, key, seq, data, payload)``."""
 
 Backfill = Callable[[int, int, int, frozenset[str]], Awaitable["list[bytes] | str"]]
 """``backfill(after, upto, id, topics)``: the messages with ``after < seq <= upto`` for the
@@ -61,6 +65,8 @@ class HubStats:
     """Subscriptions that resumed from a token."""
     resets: int = 0
     """RESET messages queued."""
+    resyncs: int = 0
+    """Fresh snapshots sent instead of RESET to subscribers of keyed state."""
     slow: int = 0
     """Subscribers that overflowed their queue."""
 
@@ -75,6 +81,7 @@ class Hub:
         policy: what an overflowing queue does: ``disconnect`` or ``drop``.
         epoch: this hub's epoch (random if omitted).
         dedup: remembers idempotency keys (default: two minutes, 100,000 keys).
+        max_keys: keys the keyed state may hold (``put`` of one more is refused).
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class Hub:
         policy: Policy = "disconnect",
         epoch: str | None = None,
         dedup: Deduplicator | None = None,
+        max_keys: int = 100_000,
     ) -> None:
         self.queue_size = queue_size
         self.policy: Policy = policy
@@ -98,6 +106,8 @@ class Hub:
         """Fetches events older than the history from a shared log (None: none kept)."""
         self._targeted: Counter[int] = Counter()  # events in the history sent to one id
         self._claims: dict[int, str] = {}  # id -> owner, while it has a stream or events
+        self.state = KeyedState(max_keys=max_keys)
+        """The latest value of every key (``put``/``delete`` events), for snapshots."""
         self._subscribers: dict[int, Subscriber] = {}
         self._open: set[Subscriber] = set()
         self._waiters: list[asyncio.Future[None]] = []
@@ -144,6 +154,7 @@ class Hub:
         resume: str = "",
         control: bool = False,
         owner: str = "",
+        snapshot: bool = False,
     ) -> Subscriber:
         """Add a subscriber for ``id``, ending (as replaced) any previous one.
 
@@ -152,13 +163,18 @@ class Hub:
         A ``control`` subscriber with nothing to replay first gets a HEARTBEAT carrying the
         current position: it can resume without a gap even if no event reaches it before its
         stream breaks, and every healthy stream delivers at least one message.
+
+        A ``snapshot`` subscriber without a token first gets the keyed state of its topics
+        (a SNAPSHOT message per key, then SYNCED); one whose token cannot be honoured gets
+        a fresh snapshot instead of RESET.
         """
         sub = Subscriber(
             id,
             limit=self.queue_size,
             topics=topics,
-            control=control or bool(resume),
+            control=control or bool(resume) or snapshot,
             owner=owner,
+            snapshot=snapshot,
         )
         if resume:
             missed = self._missed(id, sub.topics, resume)
@@ -170,6 +186,8 @@ class Hub:
             else:
                 self.stats.resumes += 1
                 sub.replay(missed or [self.heartbeat()])
+        elif snapshot:
+            self._resync(sub, "")
         elif sub.control:
             sub.replay([self.heartbeat()])
         old = self._subscribers.get(id)
@@ -183,9 +201,23 @@ class Hub:
         return sub
 
     def _reset(self, sub: Subscriber, token: str, reason: str) -> None:
+        """Tell ``sub`` its position is lost: RESET, or for a snapshot subscriber a fresh
+        snapshot (nothing queued before it is kept: the snapshot holds its effect)."""
+        if sub.snapshot:
+            log.info("Subscriber %d cannot resume from %r (%s): snapshot", sub.id, token, reason)
+            sub.drop_all()
+            self.stats.resyncs += 1
+            self._resync(sub, reason)
+            return
         log.info("Subscriber %d cannot resume from %r (%s): RESET", sub.id, token, reason)
         self.stats.resets += 1
         sub.replay([self._encode(Kind.RESET, self.head, reason, "", b"")])
+
+    def _resync(self, sub: Subscriber, reason: str) -> None:
+        """Queue the keyed state of ``sub``'s topics, then SYNCED at the head (``reason``:
+        why it resyncs, "" for a first snapshot)."""
+        synced = self._encode(Kind.SYNCED, self.head, reason, "", b"")
+        sub.replay([*self.state.snapshot(sub.topics), synced])
 
     def _missed(self, id: int, topics: Collection[str], token: str) -> list[bytes] | str | Gap:
         """The messages after ``token`` for this subscriber, or why there is no such list,
@@ -290,28 +322,49 @@ class Hub:
         to: int | None = None,
         payload: bytes = b"",
         key: str = "",
+        deleted: bool = False,
+        idempotency_key: str = "",
     ) -> tuple[Position, bool]:
         """Emit one event: to subscriber ``to``, or to every subscriber matching ``topic``.
 
-        ``payload`` is an encoded ``google.protobuf.Any``. With an idempotency ``key`` seen
-        within the deduplication window nothing is emitted. Returns the event's position
-        (the first one's, for a duplicate) and whether it was a duplicate.
+        ``payload`` is an encoded ``google.protobuf.Any``; with a ``key`` the event puts it
+        as that key's value in the keyed state of ``topic`` (or, ``deleted``, removes the
+        key). With an ``idempotency_key`` seen within the deduplication window nothing is
+        emitted. Returns the event's position (the first one's, for a duplicate) and
+        whether it was a duplicate.
+
+        Raises:
+            StateFull: a put of a new key beyond ``max_keys`` (nothing was emitted).
         """
-        if key:
-            seen = self.dedup.get(key)
+        if idempotency_key:
+            seen = self.dedup.get(idempotency_key)
             if seen is not None:
                 return seen, True
         if to is None:
-            position = self.publish(data, topic=topic, payload=payload)
+            position = self.publish(data, topic=topic, payload=payload, key=key, deleted=deleted)
         else:
             position = self.send(to, data, payload=payload)
-        if key:
-            self.dedup.remember(key, position)
+        if idempotency_key:
+            self.dedup.remember(idempotency_key, position)
         return position, False
 
-    def publish(self, data: str, *, topic: str = "", payload: bytes = b"") -> Position:
-        """Emit ``data`` to every subscriber whose topics match; returns its position."""
-        self._fan_out(self._emit(data, topic, None, payload))
+    def publish(
+        self,
+        data: str,
+        *,
+        topic: str = "",
+        payload: bytes = b"",
+        key: str = "",
+        deleted: bool = False,
+    ) -> Position:
+        """Emit ``data`` to every subscriber whose topics match; returns its position.
+
+        Raises:
+            StateFull: a put (``key``, not ``deleted``) of a new key beyond ``max_keys``.
+        """
+        if key and not deleted:
+            self.state.check(topic, key)
+        self._fan_out(self._emit(data, topic, None, payload, key=key, deleted=deleted))
         return self.head
 
     def send(self, id: int, data: str, *, payload: bytes = b"") -> Position:
@@ -320,10 +373,18 @@ class Hub:
         return self.head
 
     def deliver(
-        self, seq: int, data: str, *, topic: str = "", to: int | None = None, payload: bytes = b""
+        self,
+        seq: int,
+        data: str,
+        *,
+        topic: str = "",
+        to: int | None = None,
+        payload: bytes = b"",
+        key: str = "",
+        deleted: bool = False,
     ) -> None:
         """Fan out an event the shared log positioned at ``seq`` (greater than ``head``)."""
-        self._fan_out(self._emit(data, topic, to, payload, seq=seq))
+        self._fan_out(self._emit(data, topic, to, payload, seq=seq, key=key, deleted=deleted))
         if self._head_waiters:
             self._head_moved()
 
@@ -335,23 +396,50 @@ class Hub:
     def _head_moved(self) -> None:
         _wake(self._head_waiters)
 
-    def start_at(self, epoch: str, seq: int) -> None:
-        """Follow a shared log from position ``(epoch, seq)``: what came before is there."""
+    def start_at(self, epoch: str, seq: int, state: Iterable[StateItem] = ()) -> None:
+        """Follow a shared log from position ``(epoch, seq)``: what came before is there,
+        and ``state`` is the keyed state at that position."""
         self.epoch, self._seq, self._floor = epoch, seq, seq
         self._history.clear()
         self._targeted.clear()
+        self.state.clear()
+        for topic, key, at, data, payload in state:
+            self._put(topic, key, at, data, payload)
 
-    def log_lost(self, epoch: str, seq: int, *, reason: EndReason = EndReason.LOG_LOST) -> None:
+    def log_lost(
+        self,
+        epoch: str,
+        seq: int,
+        state: Iterable[StateItem] = (),
+        *,
+        reason: EndReason = EndReason.LOG_LOST,
+    ) -> None:
         """The shared log came back as a new one (or lost events before this replica read
-        them): end every stream (each client resumes and its old position gets RESET), then
-        follow the log from ``(epoch, seq)``."""
+        them): end every stream (each client resumes and its old position gets RESET or
+        a fresh snapshot), then follow the log from ``(epoch, seq)`` and ``state``."""
         log.warning("%s; ending %d streams", reason.value.capitalize(), len(self))
         self.end_all(reason)
-        self.start_at(epoch, seq)
+        self.start_at(epoch, seq, state)
 
-    def encode_event(self, seq: int, data: str, *, topic: str = "", payload: bytes = b"") -> bytes:
+    def encode_event(
+        self,
+        seq: int,
+        data: str,
+        *,
+        topic: str = "",
+        payload: bytes = b"",
+        key: str = "",
+        deleted: bool = False,
+    ) -> bytes:
         """The DATA message of the event at ``seq`` (for messages read back from a log)."""
-        return self._encode(Kind.DATA, Position(self.epoch, seq), data, topic, payload)
+        position = Position(self.epoch, seq)
+        return self._encode(Kind.DATA, position, data, topic, payload, key=key, deleted=deleted)
+
+    def _put(self, topic: str, key: str, seq: int, data: str, payload: bytes) -> None:
+        message = self._encode(
+            Kind.SNAPSHOT, Position(self.epoch, seq), data, topic, payload, key=key
+        )
+        self.state.put(topic, key, Entry(seq, data, payload, message))
 
     def _fan_out(self, event: Event) -> None:
         if event.target is not None:
@@ -370,12 +458,27 @@ class Hub:
             self._end(sub, EndReason.TOO_SLOW)
 
     def _emit(
-        self, data: str, topic: str, target: int | None, payload: bytes, *, seq: int = 0
+        self,
+        data: str,
+        topic: str,
+        target: int | None,
+        payload: bytes,
+        *,
+        seq: int = 0,
+        key: str = "",
+        deleted: bool = False,
     ) -> Event:
-        self._seq = seq or self._seq + 1
+        self._seq = seq = seq or self._seq + 1
         self.stats.events += 1
-        message = self._encode(Kind.DATA, Position(self.epoch, self._seq), data, topic, payload)
-        event = Event(self._seq, topic, target, message)
+        message = self.encode_event(
+            seq, data, topic=topic, payload=payload, key=key, deleted=deleted
+        )
+        event = Event(seq, topic, target, message)
+        if key:  # before the fan-out: a resync during it includes this change
+            if deleted:
+                self.state.delete(topic, key)
+            else:
+                self._put(topic, key, seq, data, payload)
         history = self._history
         if not history.maxlen:
             self._floor = self._seq  # nothing is kept
@@ -411,7 +514,10 @@ class Hub:
         log.warning("Subscriber %d is too slow (%d messages queued): dropping them",
                     sub.id, sub.queued)  # fmt: skip
         sub.drop_all()
-        if sub.control:
+        if sub.snapshot:  # the state at this event replaces what was dropped
+            self.stats.resyncs += 1
+            self._resync(sub, "subscriber too slow: events dropped")
+        elif sub.control:
             self.stats.resets += 1
             position = Position(self.epoch, event.seq)
             reason = "subscriber too slow: events dropped"

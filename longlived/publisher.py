@@ -45,7 +45,13 @@ from longlived._status import CallError
 from longlived._transport import ResilientChannel, final_metadata
 from longlived._wire import MAX_ID, NO_RETRY_HEADER, check_publish
 from longlived.backoff import Backoff
-from longlived.errors import LogUnavailable, PublishRefused, RetriesExhausted, TlsError
+from longlived.errors import (
+    LogUnavailable,
+    PublishRefused,
+    RetriesExhausted,
+    StateFull,
+    TlsError,
+)
 from longlived.events import Position, Published
 from longlived.payload import encode_payload
 from longlived.redislog import RedisAppender
@@ -117,7 +123,7 @@ class Publisher:
         topic: str = "",
         to: int | None = None,
         payload: betterproto2.Message | None = None,
-        key: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Published:
         """Emit one event: to every subscriber matching ``topic``, or to the subscriber ``to``.
 
@@ -128,8 +134,8 @@ class Publisher:
             payload: a typed payload: any generated message of the app's (packed into a
                 ``google.protobuf.Any``) or an ``Any`` already packed, passed to
                 subscribers as it is; they decode it with ``client.events(MessageType)``.
-            key: the idempotency key; None picks a fresh random one. A publish with a key
-                the server saw within its window is not emitted again.
+            idempotency_key: None picks a fresh random one. A publish with a key the server
+                saw within its window is not emitted again.
 
         Returns:
             The event's position; ``duplicate`` when the server had already emitted an
@@ -141,25 +147,49 @@ class Publisher:
                 cannot change (``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ...).
             RetriesExhausted: every attempt allowed failed.
             TlsError: the server's certificate failed verification.
-            ValueError: ``to`` is outside 0..2**31-1 or ``key`` is empty.
+            ValueError: ``to`` is outside 0..2**31-1 or ``idempotency_key`` is empty.
             PayloadTypeError: ``payload`` is not a generated protobuf message.
             RuntimeError: the publisher is closed, or was closed during the publish (the
                 event may or may not have been emitted).
         """
-        if self._closed:
-            raise RuntimeError("publisher is closed")
         if to is not None and not 0 <= to <= MAX_ID:
             # protobuf would silently keep the low 32 bits: 2**32 + 5 would go to 5
             raise ValueError(f"subscriber id {to} is out of range: it must be from 0 to {MAX_ID}")
-        if key == "":
-            raise ValueError("an idempotency key must not be empty (None picks a fresh one)")
-        request = PublishRequest(
-            data=data,
-            topic=topic,
-            to=to,
-            idempotency_key=key if key is not None else uuid.uuid4().hex,
-            payload=_as_any(payload),
+        request = PublishRequest(data=data, topic=topic, to=to, payload=_as_any(payload))
+        return await self._publish(request, idempotency_key)
+
+    async def put(
+        self,
+        key: str,
+        value: betterproto2.Message,
+        *,
+        topic: str = "",
+        idempotency_key: str | None = None,
+    ) -> Published:
+        """Set ``key`` of the server's keyed state of ``topic`` to ``value`` (see
+        ``SubscriptionManager.put``); retried as ``publish`` is.
+
+        Raises:
+            PublishRefused: as ``publish``; ``RESOURCE_EXHAUSTED`` when ``key`` is new and
+                the state holds ``state.max_keys`` keys.
+        """
+        request = PublishRequest(topic=topic, key=key, payload=_as_any(value))
+        return await self._publish(request, idempotency_key)
+
+    async def delete(
+        self, key: str, *, topic: str = "", idempotency_key: str | None = None
+    ) -> Published:
+        """Remove ``key`` from the server's keyed state of ``topic``; retried as ``publish``."""
+        return await self._publish(
+            PublishRequest(topic=topic, key=key, delete=True), idempotency_key
         )
+
+    async def _publish(self, request: PublishRequest, idempotency_key: str | None) -> Published:
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        if idempotency_key == "":
+            raise ValueError("an idempotency key must not be empty (None picks a fresh one)")
+        request.idempotency_key = idempotency_key or uuid.uuid4().hex
         reply = await self._send(request)
         self.published += 1
         return Published(_position(reply), reply.duplicate)
@@ -247,16 +277,24 @@ class Publisher:
             raise PublishRefused("RESOURCE_EXHAUSTED", f"event of {size} bytes exceeds {limit}")
         if self._appender is None:
             self._appender = RedisAppender(
-                self.settings.redis, dedup_window=self.settings.publish.dedup_window
+                self.settings.redis,
+                dedup_window=self.settings.publish.dedup_window,
+                max_keys=self.settings.state.max_keys,
             )
-        async with asyncio.timeout(self.settings.publish.timeout):
-            published = await self._appender.append(
-                request.data,
-                topic=request.topic,
-                to=request.to,
-                payload=bytes(request.payload) if request.payload is not None else b"",
-                key=request.idempotency_key,
-            )
+        appender = self._appender
+        try:
+            async with asyncio.timeout(self.settings.publish.timeout):
+                published = await appender.append(
+                    request.data,
+                    topic=request.topic,
+                    to=request.to,
+                    payload=bytes(request.payload) if request.payload is not None else b"",
+                    key=request.key,
+                    deleted=request.delete,
+                    idempotency_key=request.idempotency_key,
+                )
+        except StateFull as exc:
+            raise PublishRefused("RESOURCE_EXHAUSTED", str(exc)) from None
         position = published.position
         return PublishReply(seq=position.seq, token=position.token, duplicate=published.duplicate)
 

@@ -37,9 +37,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from longlived.backoff import Backoff
-from longlived.errors import LogUnavailable
+from longlived.errors import LogUnavailable, StateFull
 from longlived.events import Position, Published
-from longlived.hub import EndReason, Hub
+from longlived.hub import EndReason, Hub, StateItem
 from longlived.settings import RedisSettings
 
 __all__ = ["RedisAppender", "RedisLog", "entry_id", "seq_of"]
@@ -62,18 +62,42 @@ _BATCH = 1000
 _CHECK = 5.0
 """Seconds between the reader's checks that the log is still the one it follows."""
 
-# Atomically: answer a key seen within the window with its first entry, or append.
-# KEYS[2] is always given (a key of the same slot, for Redis Cluster); ARGV[3] says
-# whether it is an idempotency key to honour.
+# Atomically: answer a key seen within the window with its first entry, or append, and
+# keep the keyed state (the hash KEYS[3]: "<topic>\0<key>" -> "<entry id> <value>") in step
+# with the stream. KEYS[2] is always given (a key of the same slot, for Redis Cluster);
+# ARGV[3] says whether it is an idempotency key to honour; ARGV[4] is the state change
+# ('', 'put' or 'del') of field ARGV[5] with value ARGV[6], at most ARGV[7] fields.
 _APPEND = """
-local keyed = ARGV[3] == '1'
-if keyed then
+local dedup = ARGV[3] == '1'
+if dedup then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {seen, 1} end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
-if keyed then redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) end
+local op = ARGV[4]
+if op == 'put' and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0
+    and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[7]) then
+  return {'', 2}
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 8))
+if dedup then redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) end
+if op == 'put' then
+  redis.call('HSET', KEYS[3], ARGV[5], id .. ' ' .. ARGV[6])
+elseif op == 'del' then
+  redis.call('HDEL', KEYS[3], ARGV[5])
+end
 return {id, 0}
+"""
+
+# Atomically: the log's epoch (made on first use), its newest entry id and, if ARGV[2] is
+# '1', the keyed state at that entry.
+_POSITION = """
+redis.call('SET', KEYS[2], ARGV[1], 'NX')
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = '0-0'
+if newest[1] then last = newest[1][1] end
+local state = {}
+if ARGV[2] == '1' then state = redis.call('HGETALL', KEYS[3]) end
+return {redis.call('GET', KEYS[2]), last, state}
 """
 
 
@@ -121,13 +145,40 @@ def _entries(raw: object) -> list[Entry]:
     return [(_text(entry), fields or {}) for entry, fields in found]
 
 
-def _fields(data: str, topic: str, to: int | None, payload: bytes) -> list[bytes]:
+def _fields(
+    data: str, topic: str, to: int | None, payload: bytes, key: str, deleted: bool
+) -> list[bytes]:
     fields = [b"d", data.encode(), b"t", topic.encode()]
     if to is not None:
         fields += [b"to", str(to).encode()]
     if payload:
         fields += [b"p", payload]
+    if key:
+        fields += [b"k", key.encode()]
+        if deleted:
+            fields += [b"x", b"1"]
     return fields
+
+
+def _value(data: str, payload: bytes) -> bytes:
+    """A key's value as the state hash keeps it: the length of ``data``, ``data``, payload."""
+    encoded = data.encode()
+    return b"%d:" % len(encoded) + encoded + payload
+
+
+def _state(raw: object) -> list[StateItem]:
+    """The keyed state as ``HGETALL`` of the state hash returns it (a flat list)."""
+    flat = cast("list[bytes]", raw or [])
+    items: list[StateItem] = []
+    for field, value in zip(flat[::2], flat[1::2], strict=True):
+        topic, _, key = field.partition(b"\0")
+        entry, _, rest = value.partition(b" ")
+        size, _, rest = rest.partition(b":")
+        length = int(size)
+        items.append(
+            (topic.decode(), key.decode(), seq_of(entry), rest[:length].decode(), rest[length:])
+        )
+    return items
 
 
 def _client(settings: RedisSettings, *, reads: bool) -> aioredis.Redis:
@@ -166,7 +217,9 @@ class RedisAppender:
         dedup_window: seconds an idempotency key is remembered.
     """
 
-    def __init__(self, settings: RedisSettings, *, dedup_window: float) -> None:
+    def __init__(
+        self, settings: RedisSettings, *, dedup_window: float, max_keys: int = 100_000
+    ) -> None:
         if settings.url is None:
             raise ValueError("redis.url is not set")
         self.settings = settings
@@ -176,10 +229,13 @@ class RedisAppender:
         self._epoch_key = f"{{{name}}}:epoch"
         self._dedup_prefix = f"{{{name}}}:dedup:"
         self._owner_prefix = f"{{{name}}}:owner:"
+        self._state_key = f"{{{name}}}:state"
+        self.max_keys = max_keys
         self._window_ms = max(1, round(dedup_window * 1000))
         self._redis = _client(settings, reads=True)
         self._writes = _client(settings, reads=False)
         self._append = self._writes.register_script(_APPEND)
+        self._position_script = self._redis.register_script(_POSITION)
         self._claim = self._redis.register_script(_CLAIM)
         self._refresh_claim = self._redis.register_script(_REFRESH)
 
@@ -192,12 +248,15 @@ class RedisAppender:
         url = self.settings.url or ""
         return url.rpartition("@")[2]  # never a password in a log line
 
-    async def _position(self) -> tuple[str, str]:
-        """The log's epoch (made on first use) and the id of its newest entry."""
-        await self._redis.set(self._epoch_key, secrets.token_hex(8), nx=True)
-        epoch = await self._redis.get(self._epoch_key)
-        newest = _entries(await self._redis.xrevrange(self.stream, count=1))
-        return _text(epoch or b""), newest[0][0] if newest else "0-0"
+    async def _position(self, *, state: bool = False) -> tuple[str, str, list[StateItem]]:
+        """The log's epoch (made on first use), the id of its newest entry and (``state``)
+        the keyed state at that entry, all read at one moment."""
+        keys = [self.stream, self._epoch_key, self._state_key]
+        answer = await self._position_script(
+            keys=keys, args=[secrets.token_hex(8), "1" if state else "0"]
+        )
+        epoch, last, items = cast("list[Any]", answer)
+        return _text(epoch or b""), _text(last), _state(items)
 
     async def epoch(self) -> str:
         """The log's epoch, the first part of every position in it."""
@@ -216,32 +275,47 @@ class RedisAppender:
         to: int | None = None,
         payload: bytes = b"",
         key: str = "",
+        deleted: bool = False,
+        idempotency_key: str = "",
     ) -> Published:
-        """Append one event; its position (the first one's, for a repeated ``key``).
+        """Append one event; its position (the first one's, for a repeated
+        ``idempotency_key``). A keyed event (``key``) changes the keyed state in the same
+        atomic step.
 
-        With a ``key``, an append whose connection broke is tried once more (the key makes
-        that safe); without one it is not, since it may have been appended already.
+        With an ``idempotency_key``, an append whose connection broke is tried once more
+        (the key makes that safe); without one it is not, since it may have been appended
+        already.
 
         Raises:
+            StateFull: a put of a new key beyond ``max_keys`` (nothing was appended).
             LogUnavailable: Redis cannot be reached; nothing was appended, or (a command
                 that timed out) it may have been: retry with the same key.
         """
         epoch = await self.epoch()
-        keys = [self.stream, self._dedup_prefix + key]
-        args: list[Any] = [self.settings.maxlen, self._window_ms, "1" if key else "0"]
-        args += _fields(data, topic, to, payload)
+        dedup = idempotency_key
+        keys = [self.stream, self._dedup_prefix + dedup, self._state_key]
+        op = ("del" if deleted else "put") if key else ""
+        field = topic.encode() + b"\0" + key.encode()
+        args: list[Any] = [self.settings.maxlen, self._window_ms, "1" if dedup else "0"]
+        args += [op, field, _value(data, payload) if op == "put" else b"", self.max_keys]
+        args += _fields(data, topic, to, payload, key, deleted)
         try:
             try:
                 answer = await self._append(keys=keys, args=args)
             except RedisConnectionError:
-                if not key:  # it may have been appended before the connection broke
+                if not dedup:  # it may have been appended before the connection broke
                     raise
                 answer = await self._append(keys=keys, args=args)  # the key makes it safe
         except RedisError as exc:
             self._epoch = None  # Redis may come back as a new log
             raise LogUnavailable(f"cannot append to the event log: {exc}") from exc
-        entry, duplicate = cast("list[Any]", answer)
-        return Published(Position(epoch, seq_of(_text(entry))), bool(duplicate))
+        entry, outcome = cast("list[Any]", answer)
+        if outcome == 2:
+            raise StateFull(
+                f"the keyed state holds {self.max_keys} keys (state.max_keys): "
+                f"{key!r} on topic {topic!r} was not put"
+            )
+        return Published(Position(epoch, seq_of(_text(entry))), bool(outcome))
 
 
 class RedisLog(RedisAppender):
@@ -263,10 +337,11 @@ class RedisLog(RedisAppender):
         *,
         dedup_window: float,
         backoff: Backoff,
+        max_keys: int = 100_000,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
-        super().__init__(settings, dedup_window=dedup_window)
+        super().__init__(settings, dedup_window=dedup_window, max_keys=max_keys)
         self.hub = hub
         self._backoff = backoff
         self._rng = rng if rng is not None else random.Random()
@@ -291,7 +366,7 @@ class RedisLog(RedisAppender):
         """
         try:
             version = str((await self._redis.info("server")).get("redis_version", "0"))
-            epoch, last = await self._position()
+            epoch, last, state = await self._position(state=True)
         except RedisError as exc:
             await self.aclose()
             raise LogUnavailable(f"cannot reach the event log at {self._where()}: {exc}") from exc
@@ -299,7 +374,7 @@ class RedisLog(RedisAppender):
             await self.aclose()
             # XINFO's entries-added, which tells a trimmed stream, came with Redis 7
             raise LogUnavailable(f"the event log needs Redis 7 or newer, not {version}")
-        self.hub.start_at(epoch, seq_of(last))
+        self.hub.start_at(epoch, seq_of(last), state)
         self.hub.backfill = self.backfill
         self._last = last
         self.connected.set()
@@ -407,14 +482,16 @@ class RedisLog(RedisAppender):
         """Follow a new log if this one was lost; end every stream if events after the
         last one read were trimmed before this replica read them (its clients resume and
         get RESET rather than a silent gap)."""
-        epoch, last = await self._position()
+        epoch, _, _ = await self._position()
         if epoch != self.hub.epoch:
-            self.hub.log_lost(epoch, seq_of(last))
-            self._last = last
+            reason = EndReason.LOG_LOST
+        elif await self._trimmed_after(seq_of(self._last)):
+            reason = EndReason.EVENTS_LOST
+        else:
             return
-        if await self._trimmed_after(seq_of(self._last)):
-            self.hub.log_lost(epoch, seq_of(last), reason=EndReason.EVENTS_LOST)
-            self._last = last
+        epoch, last, state = await self._position(state=True)  # the state at one entry
+        self.hub.log_lost(epoch, seq_of(last), state, reason=reason)
+        self._last = last
 
     async def _trimmed_after(self, seq: int) -> bool:
         """Whether an entry after ``seq`` may have been trimmed away.
@@ -437,11 +514,15 @@ class RedisLog(RedisAppender):
             to = fields.get(b"to")
             data = fields.get(b"d", b"").decode()
             topic = fields.get(b"t", b"").decode()
+            key = fields.get(b"k", b"").decode()
             target = int(to) if to is not None else None
         except ValueError as exc:  # not one of ours (a bad id, bad UTF-8): never the reader's end
             log.error("Skipping entry %s of the event log: %s", entry, exc)
             return
-        self.hub.deliver(seq, data, topic=topic, to=target, payload=fields.get(b"p", b""))
+        self.hub.deliver(
+            seq, data, topic=topic, to=target, payload=fields.get(b"p", b""), key=key,
+            deleted=b"x" in fields,
+        )  # fmt: skip
 
     async def backfill(
         self, after: int, upto: int, id: int, topics: frozenset[str]
@@ -467,6 +548,8 @@ class RedisLog(RedisAppender):
                         fields.get(b"d", b"").decode(),
                         topic=topic,
                         payload=fields.get(b"p", b""),
+                        key=fields.get(b"k", b"").decode(),
+                        deleted=b"x" in fields,
                     )
                 )
             if len(entries) < 1000:

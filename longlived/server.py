@@ -15,9 +15,9 @@ import collections
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import betterproto2
 import grpclib.const
@@ -29,6 +29,7 @@ from grpclib.health.check import ServiceStatus
 from longlived._call import SubscribeCall
 from longlived._dedup import Deduplicator
 from longlived._local import LocalTransport
+from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishRequest, Request, Response
 from longlived._status import Code
 from longlived._transport import (
@@ -38,13 +39,13 @@ from longlived._transport import (
     guarded,
     longlived_mapping,
 )
-from longlived._wire import PACKAGES, encode_message
+from longlived._wire import PACKAGES, check_keyed, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
 from longlived.errors import LogUnavailable, SubscriptionClosed
 from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
-from longlived.payload import encode_payload
+from longlived.payload import encode_payload, unpack
 from longlived.redislog import RedisLog
 from longlived.settings import Settings
 from longlived.tls import server_context
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from longlived._transport import Servable
 
 __all__ = ["PACKAGES", "SubscriptionManager"]
+
+M = TypeVar("M", bound=betterproto2.Message)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class SubscriptionManager:
     Args:
         settings: configuration; ``Settings()`` reads env vars and ``.env``.
         sleep: the sleep the mock generator uses (injected by tests).
+        payload_types: the app's message types carried as typed payloads; server
+            reflection describes them, so tools like grpcurl can decode payloads.
     """
 
     def __init__(
@@ -86,7 +91,9 @@ class SubscriptionManager:
         settings: Settings | None = None,
         *,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        payload_types: Iterable[type[betterproto2.Message]] = (),
     ) -> None:
+        self.payload_types = list(payload_types)
         self.settings = settings if settings is not None else Settings()
         self.hub = Hub(
             encode=encode_message,
@@ -97,6 +104,7 @@ class SubscriptionManager:
                 window=self.settings.publish.dedup_window,
                 max_keys=self.settings.publish.dedup_max_keys,
             ),
+            max_keys=self.settings.state.max_keys,
         )
         self.health = ServiceStatus()
         """SERVING while the server accepts subscriptions (grpc.health.v1)."""
@@ -164,6 +172,8 @@ class SubscriptionManager:
         to: int | None = None,
         payload: bytes | betterproto2.Message = b"",
         key: str = "",
+        deleted: bool = False,
+        idempotency_key: str = "",
     ) -> Published:
         """Emit one event, as the Publish RPC does: to subscriber ``to``, or to every
         subscriber matching ``topic``.
@@ -175,16 +185,65 @@ class SubscriptionManager:
             payload: a typed payload: any generated message of the app's (packed into a
                 ``google.protobuf.Any``), an ``Any`` already packed, or its encoded bytes;
                 subscribers decode it with ``client.events(MessageType)``.
-            key: an idempotency key: a second emit with the same key within
+            key: a keyed event: ``payload`` becomes the value of ``key`` in the keyed
+                state of ``topic`` (see ``put``), or with ``deleted`` the key is removed.
+            deleted: with ``key``: remove it.
+            idempotency_key: a second emit with the same key within
                 ``settings.publish.dedup_window`` seconds emits nothing and returns the
                 first one's position.
+
+        Raises:
+            StateFull: a put of a new key beyond ``settings.state.max_keys``.
+            ValueError: a keyed event with ``to``, a put without payload, a key too long.
+            LogUnavailable: with a shared log, Redis cannot be reached.
         """
         if isinstance(payload, betterproto2.Message):
             payload = encode_payload(payload)
+        if problem := check_keyed(key, deleted, to, bool(payload)):
+            raise ValueError(problem)
         if self._log is not None:
-            return await self._log.append(data, topic=topic, to=to, payload=payload, key=key)
-        position, duplicate = self.hub.emit(data, topic=topic, to=to, payload=payload, key=key)
+            return await self._log.append(
+                data, topic=topic, to=to, payload=payload, key=key, deleted=deleted,
+                idempotency_key=idempotency_key,
+            )  # fmt: skip
+        position, duplicate = self.hub.emit(
+            data, topic=topic, to=to, payload=payload, key=key, deleted=deleted,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
         return Published(position, duplicate)
+
+    async def put(
+        self,
+        key: str,
+        value: betterproto2.Message,
+        *,
+        topic: str = "",
+        idempotency_key: str = "",
+    ) -> Published:
+        """Set ``key`` of the keyed state of ``topic`` to ``value``: an event to every
+        subscriber of ``topic``, and the value snapshots carry from now on.
+
+        A subscriber with ``snapshot`` (``WatchCache``) gets every current value, then
+        SYNCED, then each change; works the same with a shared log on every replica.
+
+        Raises:
+            StateFull: ``key`` is new and the state holds ``settings.state.max_keys``.
+        """
+        return await self.emit(topic=topic, payload=value, key=key, idempotency_key=idempotency_key)
+
+    async def delete(self, key: str, *, topic: str = "", idempotency_key: str = "") -> Published:
+        """Remove ``key`` from the keyed state of ``topic`` (an event to its subscribers;
+        emitted even if the key is not there)."""
+        return await self.emit(topic=topic, key=key, deleted=True, idempotency_key=idempotency_key)
+
+    def get(self, key: str, message_type: type[M], *, topic: str = "") -> M | None:
+        """The current value of ``key`` in ``topic``, decoded as ``message_type``."""
+        entry = self.hub.state.get(topic, key)
+        return None if entry is None else _decode(entry.payload, message_type)
+
+    def items(self, message_type: type[M], *, topic: str = "") -> dict[str, M]:
+        """Every key of ``topic`` and its value, decoded as ``message_type`` (a copy)."""
+        return {k: _decode(e.payload, message_type) for k, e in self.hub.state.items(topic)}
 
     async def event_source(self) -> None:
         """Produce events until cancelled. Override it to feed your own.
@@ -227,6 +286,15 @@ class SubscriptionManager:
             ),
             Sample("longlived_resumes", "counter", "Subscriptions resumed.", hub.resumes),
             Sample("longlived_resets", "counter", "RESET messages sent.", hub.resets),
+            Sample(
+                "longlived_resyncs",
+                "counter",
+                "Fresh snapshots sent to keyed subscribers instead of RESET.",
+                hub.resyncs,
+            ),
+            Sample(
+                "longlived_state_keys", "gauge", "Keys in the keyed state.", len(self.hub.state)
+            ),
             Sample(
                 "longlived_rejected_calls",
                 "counter",
@@ -325,7 +393,7 @@ class SubscriptionManager:
                 )
             )
         if self.settings.reflection:
-            services = with_reflection(services)
+            services = with_reflection(services, self.payload_types)
         # reflection describes the Longlived service itself, so it is built first
         return [self, *guarded(services[1:], self, public=self.settings.auth.public_methods)]
 
@@ -363,6 +431,7 @@ class SubscriptionManager:
                     settings.redis,
                     self.hub,
                     dedup_window=settings.publish.dedup_window,
+                    max_keys=settings.state.max_keys,
                     backoff=settings.backoff.to_backoff(),
                 )
                 await shared.start()
@@ -517,3 +586,8 @@ class SubscriptionManager:
             if not call.cancelled() and call.exception() is not None:
                 log.warning("In-process subscription %d failed: %r", message.id,
                             call.exception())  # fmt: skip
+
+
+def _decode(payload: bytes, message_type: type[M]) -> M:
+    """A stored value (an encoded ``Any``) as ``message_type``."""
+    return unpack(ProtoAny.FromString(payload), message_type)

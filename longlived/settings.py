@@ -31,6 +31,7 @@ __all__ = [
     "RedisSettings",
     "ReplaySettings",
     "Settings",
+    "StateSettings",
     "TlsSettings",
     "format_validation_error",
     "load_settings",
@@ -112,6 +113,17 @@ class ReplaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(10_000, ge=0, le=10_000_000, description="events kept for resuming")
+
+
+class StateSettings(BaseModel):
+    """The keyed state: the latest value per key of ``put`` events, for snapshots."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_keys: int = Field(
+        default=100_000, ge=0, le=100_000_000,
+        description="keys the state may hold in all; a put of a new key beyond it is refused",
+    )  # fmt: skip
 
 
 class HeartbeatSettings(BaseModel):
@@ -404,6 +416,7 @@ class Settings(BaseSettings):
     backoff: BackoffSettings = Field(default_factory=BackoffSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
     keepalive: KeepaliveSettings = Field(default_factory=KeepaliveSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)

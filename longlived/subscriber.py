@@ -25,11 +25,11 @@ class EndReason(enum.Enum):
     MAX_AGE = "max connection age reached"
     """The stream lived longer than the server's ``max_connection_age``."""
     LOG_LOST = "the shared event log was lost"
+    """The Redis log came back without its events (a restart without persistence): the
+    client resumes, and its old position gets RESET."""
     EVENTS_LOST = "events were trimmed from the shared log before this replica read them"
     """This replica fell behind the log's retention (cut off from Redis too long): its
     clients resume, and get RESET."""
-    """The Redis log came back without its events (a restart without persistence): the
-    client resumes, and its old position gets RESET."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,7 @@ class Subscriber:
         "id",
         "limit",
         "owner",
+        "snapshot",
         "topics",
     )
 
@@ -71,6 +72,7 @@ class Subscriber:
         topics: Collection[str] = (),
         control: bool = False,
         owner: str = "",
+        snapshot: bool = False,
     ) -> None:
         self.id = id
         self.owner = owner
@@ -79,6 +81,8 @@ class Subscriber:
         self.topics = frozenset(topics)
         self.control = control
         """The peer understands HEARTBEAT and RESET messages."""
+        self.snapshot = snapshot
+        """It follows the keyed state: a lost position gets a fresh snapshot, not RESET."""
         self.end_reason: EndReason | None = None
         self.ended = asyncio.Event()
         """Set once the subscription has ended."""

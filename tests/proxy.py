@@ -33,7 +33,8 @@ class _Link:
 class Proxy:
     """A TCP proxy on 127.0.0.1 in front of ``upstream``.
 
-    ``hold()`` keeps new connections accepted but unforwarded until ``release()`` (a client
+    ``freeze()`` stops reading from the server until ``thaw()``. ``hold()`` keeps new
+    connections accepted but unforwarded until ``release()`` (a client
     then waits in its connect, as behind a TLS server that is slow to answer); ``cut()``
     cuts every open connection in the middle of the next chunk the server sends on it:
     part of the chunk is forwarded, then both sides are aborted, so the client is left
@@ -51,6 +52,8 @@ class Proxy:
         self._released = asyncio.Event()
         self._released.set()
         self._changed = asyncio.Event()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def hold(self) -> None:
         """Accept new connections but forward nothing until ``release()``."""
@@ -71,6 +74,15 @@ class Proxy:
         for link in self._links:
             link.armed = True
         await self.until(cuts=self.cuts + 1)
+
+    def freeze(self) -> None:
+        """Stop reading what the server sends (as a client whose process is stopped): its
+        writes back up into the socket buffers and then its flow-control windows."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Forward what the server sends again."""
+        self._flowing.set()
 
     def mute(self) -> None:
         """Forward nothing more the server sends on the open connections (new ones are not
@@ -116,7 +128,7 @@ class Proxy:
         link.abort()  # one side closed: the other read ends too
 
     async def _down(self, reader: asyncio.StreamReader, link: _Link) -> None:
-        while chunk := await reader.read(CHUNK):
+        while (await self._flowing.wait()) and (chunk := await reader.read(CHUNK)):
             if link.muted:
                 continue
             if link.armed:

@@ -7,6 +7,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
+from longlived import codegen
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +40,25 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     assert sorted(fresh) == sorted(committed), "run `just codegen` and commit the result"
     changed = [name for name in fresh if not filecmp.cmp(fresh[name], committed[name], False)]
     assert changed == [], f"stale generated files {changed}: run `just codegen` and commit"
+
+
+def test_the_apps_codegen_command_matches_the_example(tmp_path: Path) -> None:
+    """``python -m longlived.codegen``, as an app runs it, reproduces the example's
+    committed messages."""
+    example = ROOT / "examples" / "inventory"
+    out = tmp_path / "_proto"
+    assert codegen.main(["--out", str(out), str(example / "inventory.proto")]) == 0
+    fresh, committed = _tree(out), _tree(example / "_proto")
+    assert sorted(fresh) == sorted(committed), "run `just codegen` and commit the result"
+    changed = [name for name in fresh if not filecmp.cmp(fresh[name], committed[name], False)]
+    assert changed == [], f"stale generated files {changed}: run `just codegen` and commit"
+
+
+def test_the_codegen_command_names_a_proto_it_cannot_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.proto"
+    broken.write_text('syntax = "proto3";\nmessage Item { strin name = 1; }\n')
+    assert codegen.main(["--out", str(tmp_path / "out"), str(broken)]) == 1
+    assert "longlived codegen:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

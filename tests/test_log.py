@@ -316,7 +316,9 @@ async def test_redis_restarted_without_its_data_gives_reset_not_silence(
             resume = Request(id=1, resume_token=token)
             async with subscription(channel, resume) as stream:
                 [reset] = await messages(stream, 1)
-                await server.emit("after", key="after")  # safe to retry on a new connection
+                await server.emit(
+                    "after", idempotency_key="after"
+                )  # safe to retry on a new connection
                 [after] = await messages(stream, 1)
             assert reset.kind == ResponseKind.RESET
             assert after.data == "after"
@@ -345,8 +347,10 @@ async def test_a_retried_publish_with_the_same_key_is_emitted_once_across_replic
         channel = channel_for(a.settings)
         try:
             async with subscription(channel, 1) as stream:
-                first = await a.emit("once", key="k-1")
-                again = await b.emit("once", key="k-1")  # the retry went to another replica
+                first = await a.emit("once", idempotency_key="k-1")
+                again = await b.emit(
+                    "once", idempotency_key="k-1"
+                )  # the retry went to another replica
                 assert (again.position, again.duplicate) == (first.position, True)
                 await a.emit("next")
                 assert data(await messages(stream, 2)) == ["once", "next"]
@@ -456,8 +460,8 @@ async def test_a_publisher_pointed_at_redis_reaches_every_replica(
             for id, channel in enumerate(channels)
         ]
         publisher = await stack.enter_async_context(Publisher(settings=direct))
-        first = await publisher.publish("straight to Redis", key="k")
-        again = await publisher.publish("straight to Redis", key="k")
+        first = await publisher.publish("straight to Redis", idempotency_key="k")
+        again = await publisher.publish("straight to Redis", idempotency_key="k")
         assert (again.position, again.duplicate) == (first.position, True)
         code, _, err = await cli_publish(
             "from the CLI", "--publish.via", "redis", "--redis.url", redis.url
@@ -512,11 +516,13 @@ async def test_a_frozen_redis_fails_publishes_fast_and_loses_nothing_once_back(
                 try:
                     with pytest.raises(LogUnavailable):
                         async with asyncio.timeout(TIMEOUT):
-                            await server.emit("during", key="during")
+                            await server.emit("during", idempotency_key="during")
                 finally:
                     redis.freeze(False)
-                await server.emit("during", key="during")  # the publisher's retry, same key
-                await server.emit("after", key="after")
+                await server.emit(
+                    "during", idempotency_key="during"
+                )  # the publisher's retry, same key
+                await server.emit("after", idempotency_key="after")
                 assert data(await messages(stream, 3)) == ["before", "during", "after"]
         finally:
             channel.close()
@@ -533,8 +539,8 @@ async def test_two_replicas_on_a_redis_cluster(base: Settings, tmp_path: Path) -
             try:
                 async with subscription(channels[0], 1) as one, subscription(channels[1], 2) as two:
                     first = await a.emit("through A")
-                    await b.emit("through B", key="k")
-                    assert (await b.emit("through B", key="k")).duplicate
+                    await b.emit("through B", idempotency_key="k")
+                    assert (await b.emit("through B", idempotency_key="k")).duplicate
                     assert data(await messages(one, 2)) == ["through A", "through B"]
                     assert data(await messages(two, 2)) == ["through A", "through B"]
                 resume = Request(id=2, resume_token=first.position.token)

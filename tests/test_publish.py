@@ -231,8 +231,8 @@ async def test_serve_without_a_source_sends_only_what_is_published(
 
 async def test_emit_deduplicates_like_the_rpc() -> None:
     server = SubscriptionManager(Settings(interval=3600.0))
-    first = await server.emit("a", key="k")
-    again = await server.emit("b", key="k")
+    first = await server.emit("a", idempotency_key="k")
+    again = await server.emit("b", idempotency_key="k")
     assert (again.position, again.duplicate, first.duplicate) == (first.position, True, False)
     assert server.hub.head == first.position
 

@@ -556,7 +556,7 @@ async def test_aclose_ends_a_publish_that_is_retrying(
     [
         ({"to": -1}, ValueError, "out of range"),
         ({"to": 2**32 + 5}, ValueError, "out of range"),
-        ({"key": ""}, ValueError, "must not be empty"),
+        ({"idempotency_key": ""}, ValueError, "must not be empty"),
         ({"payload": "not a message"}, TypeError, "is not a generated protobuf message"),
     ],
 )

@@ -57,6 +57,18 @@ class ResponseKind(betterproto2.Enum):
     `data` says why.
     """
 
+    SNAPSHOT = 3
+    """
+    One current value of the keyed state (`key`, `topic`, `payload`; `seq` is the
+    position of the change that set it). Carries no `token`: resume from SYNCED's.
+    """
+
+    SYNCED = 4
+    """
+    The snapshot is complete and consistent with `token`; live changes follow.
+    `data` is empty for a first snapshot, and says why for a resync.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class PublishReply(betterproto2.Message):
@@ -116,6 +128,14 @@ class PublishRequest(betterproto2.Message):
     A typed payload, beside or instead of `data`.
     """
 
+    key: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    A keyed event: `payload` becomes the latest value of `key` within `topic` (snapshots
+    carry it), or, with `delete`, the key is removed. Not with `to`.
+    """
+
+    delete: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
+
 
 default_message_pool.register_message("longlived", "PublishRequest", PublishRequest)
 
@@ -153,6 +173,13 @@ class Request(betterproto2.Message):
     """
     The client understands HEARTBEAT and RESET messages. Implied by resume_token or
     heartbeat_ms; without any of the three the stream carries DATA messages only.
+    """
+
+    snapshot: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+    """
+    Keyed state: start with a SNAPSHOT message per current key (of these topics), then
+    one SYNCED, then live changes. With a resume_token that cannot be honoured, a fresh
+    snapshot replaces RESET (SYNCED's `data` says why). Implies accept_control.
     """
 
 
@@ -194,7 +221,17 @@ class Response(betterproto2.Message):
         6, betterproto2.TYPE_MESSAGE, optional=True
     )
     """
-    A typed payload: any message of the application's own protos (DATA only).
+    A typed payload: any message of the application's own protos (DATA, SNAPSHOT).
+    """
+
+    key: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+    """
+    A keyed event: the key it changes (DATA) or holds (SNAPSHOT), within `topic`.
+    """
+
+    deleted: "bool" = betterproto2.field(8, betterproto2.TYPE_BOOL)
+    """
+    DATA with a `key`: the key was deleted (no payload).
     """
 
 
@@ -277,7 +314,7 @@ class LonglivedStub(betterproto2_grpclib.ServiceStub):
 from ..google import protobuf as _google__protobuf__
 
 LONGLIVED_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0flonglived.proto\x12\tlonglived\x1a\x19google/protobuf/any.proto"\x9e\x01\n\x07Request\x12\x0e\n\x02id\x18\x01 \x01(\x05R\x02id\x12!\n\x0cresume_token\x18\x02 \x01(\tR\x0bresumeToken\x12\x16\n\x06topics\x18\x03 \x03(\tR\x06topics\x12!\n\x0cheartbeat_ms\x18\x04 \x01(\rR\x0bheartbeatMs\x12%\n\x0eaccept_control\x18\x05 \x01(\x08R\racceptControl"\xe4\x01\n\x08Response\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x10\n\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x03 \x01(\tR\x05token\x12,\n\x04kind\x18\x04 \x01(\x0e2\x18.longlived.Response.KindR\x04kind\x12\x14\n\x05topic\x18\x05 \x01(\tR\x05topic\x12.\n\x07payload\x18\x06 \x01(\x0b2\x14.google.protobuf.AnyR\x07payload"(\n\x04Kind\x12\x06\n\x04DATA\x12\r\n\tHEARTBEAT\x10\x01\x12\t\n\x05RESET\x10\x02"\xaf\x01\n\x0ePublishRequest\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x14\n\x05topic\x18\x02 \x01(\tR\x05topic\x12\x13\n\x02to\x18\x03 \x01(\x05H\x00R\x02to\x88\x01\x01\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\x12.\n\x07payload\x18\x05 \x01(\x0b2\x14.google.protobuf.AnyR\x07payloadB\x05\n\x03_to"T\n\x0cPublishReply\x12\x10\n\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\x12\x1c\n\tduplicate\x18\x03 \x01(\x08R\tduplicate2\xc0\x01\n\tLonglived\x128\n\tSubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x000\x01\x128\n\x0bUnsubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x00\x12?\n\x07Publish\x12\x19.longlived.PublishRequest\x1a\x17.longlived.PublishReply"\x00b\x06proto3'
+    b'\n\x0flonglived.proto\x12\tlonglived\x1a\x19google/protobuf/any.proto"\xba\x01\n\x07Request\x12\x0e\n\x02id\x18\x01 \x01(\x05R\x02id\x12!\n\x0cresume_token\x18\x02 \x01(\tR\x0bresumeToken\x12\x16\n\x06topics\x18\x03 \x03(\tR\x06topics\x12!\n\x0cheartbeat_ms\x18\x04 \x01(\rR\x0bheartbeatMs\x12%\n\x0eaccept_control\x18\x05 \x01(\x08R\racceptControl\x12\x1a\n\x08snapshot\x18\x06 \x01(\x08R\x08snapshot"\xaa\x02\n\x08Response\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x10\n\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x03 \x01(\tR\x05token\x12,\n\x04kind\x18\x04 \x01(\x0e2\x18.longlived.Response.KindR\x04kind\x12\x14\n\x05topic\x18\x05 \x01(\tR\x05topic\x12.\n\x07payload\x18\x06 \x01(\x0b2\x14.google.protobuf.AnyR\x07payload\x12\x10\n\x03key\x18\x07 \x01(\tR\x03key\x12\x18\n\x07deleted\x18\x08 \x01(\x08R\x07deleted"B\n\x04Kind\x12\x06\n\x04DATA\x12\r\n\tHEARTBEAT\x10\x01\x12\t\n\x05RESET\x10\x02\x12\x0c\n\x08SNAPSHOT\x10\x03\x12\n\n\x06SYNCED\x10\x04"\xd9\x01\n\x0ePublishRequest\x12\x12\n\x04data\x18\x01 \x01(\tR\x04data\x12\x14\n\x05topic\x18\x02 \x01(\tR\x05topic\x12\x13\n\x02to\x18\x03 \x01(\x05H\x00R\x02to\x88\x01\x01\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\x12.\n\x07payload\x18\x05 \x01(\x0b2\x14.google.protobuf.AnyR\x07payload\x12\x10\n\x03key\x18\x06 \x01(\tR\x03key\x12\x16\n\x06delete\x18\x07 \x01(\x08R\x06deleteB\x05\n\x03_to"T\n\x0cPublishReply\x12\x10\n\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x14\n\x05token\x18\x02 \x01(\tR\x05token\x12\x1c\n\tduplicate\x18\x03 \x01(\x08R\tduplicate2\xc0\x01\n\tLonglived\x128\n\tSubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x000\x01\x128\n\x0bUnsubscribe\x12\x12.longlived.Request\x1a\x13.longlived.Response"\x00\x12?\n\x07Publish\x12\x19.longlived.PublishRequest\x1a\x17.longlived.PublishReply"\x00b\x06proto3'
 )
 
 
