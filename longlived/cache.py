@@ -186,7 +186,7 @@ class WatchCache(Generic[M]):
         not retried, ``RetriesExhausted``, ``PayloadTypeError`` for a value of another
         type)."""
         try:
-            while True:
+            while not self.client.closed:  # closed before it began: nothing to follow
                 try:
                     async for response in self.client:
                         self._receive(response)

@@ -145,6 +145,11 @@ class ResilientClient:
         return self._token
 
     @property
+    def closed(self) -> bool:
+        """Whether ``aclose()`` was called."""
+        return self._closed
+
+    @property
     def package(self) -> Literal["longlived", "protos"]:
         """Proto package of the paths called (``protos`` for the original Go server)."""
         return self.settings.package

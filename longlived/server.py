@@ -371,6 +371,10 @@ class SubscriptionManager:
         ``RecvRequest``, ``RecvMessage``, ``SendInitialMetadata``, ``SendMessage`` and
         ``SendTrailingMetadata`` fire for every RPC, ``Longlived`` ones included."""
 
+    async def prepare(self) -> None:
+        """Called by ``start`` once the event log is ready, before the server listens.
+        Override it to put the initial keyed state: no subscriber sees it half-built."""
+
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return longlived_mapping(self)
 
@@ -435,17 +439,20 @@ class SubscriptionManager:
                     backoff=settings.backoff.to_backoff(),
                 )
                 await shared.start()
+                self._log = shared  # prepare() emits into it
             if settings.metrics.port is not None:
                 metrics = serve_metrics(
                     on_loop(self.stats, asyncio.get_running_loop()),
                     host=settings.metrics.host,
                     port=settings.metrics.port,
                 )
+            await self.prepare()
             if sock is not None:
                 await server.start(sock=sock, ssl=ssl)
             else:
                 await server.start(settings.host, settings.port, ssl=ssl)
         except BaseException:
+            self._log = None
             server.stop()
             if metrics is not None:
                 await asyncio.to_thread(metrics.close)

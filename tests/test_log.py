@@ -19,13 +19,16 @@ import redis.asyncio as aioredis
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from examples.inventory._proto.inventory import Item
 from longlived import (
     AuthSettings,
     Backoff,
     BackoffSettings,
+    Change,
     EndReason,
     Hub,
     Position,
+    Published,
     Publisher,
     PublishRefused,
     PublishSettings,
@@ -36,8 +39,11 @@ from longlived import (
     Response,
     ResponseKind,
     Settings,
+    StateFull,
+    StateSettings,
     SubscriptionClosed,
     SubscriptionManager,
+    WatchCache,
 )
 from longlived._wire import encode_message
 from longlived.errors import LogUnavailable
@@ -739,3 +745,95 @@ async def test_typed_payloads_travel_through_redis(redis: RedisServer, base: Set
             Request(id=9, topics=["x"]),
             published.position.token,
         )
+
+
+# ------------------------------------------------------------------------ keyed state
+
+
+def stock(n: int, version: int = 0) -> Item:
+    return Item(sku=f"k{n}", count=n, price=version)
+
+
+async def synced_to(cache: WatchCache[Item], expected: dict[str, Item]) -> None:
+    """Wait until ``cache`` holds exactly ``expected`` (re-checked at each change)."""
+    async with asyncio.timeout(TIMEOUT):
+        await cache.wait_synced()
+        changes = cache.changes()  # registered at its first step, before any await
+        if cache.items() != expected:
+            async for _ in changes:
+                if cache.items() == expected:
+                    break
+
+
+async def test_keyed_state_is_shared_by_replicas_and_loaded_by_a_new_one(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base)
+    async with asyncio.timeout(30), serving(settings) as a, serving(settings) as b:
+        async with WatchCache(Item, 1, topic="stock", settings=b.settings) as cache:
+            for n in range(60):  # changes through both replicas while the cache syncs
+                replica = a if n % 2 else b
+                if n % 7 == 6:
+                    last = await replica.delete(f"k{n % 10}", topic="stock")
+                else:
+                    last = await replica.put(f"k{n % 10}", stock(n % 10, n), topic="stock")
+            await read_up_to(last, a, b)
+            expected = a.items(Item, topic="stock")
+            await synced_to(cache, expected)
+            assert b.items(Item, topic="stock") == expected
+            assert cache.snapshots == 1
+        direct = settings.model_copy(update={"publish": PublishSettings(via="redis")})
+        async with Publisher(settings=direct) as publisher:
+            await publisher.put("k-direct", stock(99), topic="stock")
+        expected["k-direct"] = stock(99)
+        async with serving(settings) as late:  # it starts after every change: Redis has the state
+            assert late.items(Item, topic="stock") == expected
+            async with WatchCache(Item, 2, topic="stock", settings=late.settings) as cache:
+                await synced_to(cache, expected)
+
+
+async def test_the_keyed_state_bound_holds_across_replicas(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base).model_copy(update={"state": StateSettings(max_keys=2)})
+    async with serving(settings) as a, serving(settings) as b:
+        await a.put("one", stock(1))
+        await b.put("two", stock(2))
+        with pytest.raises(StateFull, match="holds 2 keys"):
+            await a.put("three", stock(3))
+        await b.put("one", stock(11))  # an existing key still changes
+        await a.delete("two")
+        await read_up_to(await b.put("three", stock(3)), a, b)
+        assert a.items(Item) == b.items(Item) == {"one": stock(11), "three": stock(3)}
+
+
+async def read_up_to(published: Published, *replicas: SubscriptionManager) -> None:
+    """Wait until every replica's reader has delivered the event ``published``."""
+    async with asyncio.timeout(TIMEOUT):
+        for replica in replicas:
+            await replica.hub.reach(published.position.seq)
+
+
+async def test_a_cache_resyncs_to_what_redis_holds_after_losing_its_data(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base).model_copy(
+        update={"backoff": BackoffSettings(initial=0.02, max=0.1)}
+    )
+    async with serving(settings) as server:
+        for n in range(5):
+            last = await server.put(f"k{n}", stock(n), topic="stock")
+        await read_up_to(last, server)
+        async with WatchCache(Item, 1, topic="stock", settings=server.settings) as cache:
+            await synced_to(cache, server.items(Item, topic="stock"))
+            seen: list[Change[Item]] = []
+            cache.on_change(seen.append)
+            await redis.restart()  # persistence off: the stream, its epoch and the state go
+            assert server._log is not None
+            async with asyncio.timeout(TIMEOUT):
+                while cache.snapshots < 2:
+                    await anext(aiter(cache.changes()))
+            assert cache.items() == {}
+            assert sorted((c.type, c.key) for c in seen) == [("deleted", f"k{n}") for n in range(5)]
+            await server.put("k-new", stock(7), topic="stock", idempotency_key="new")
+            await synced_to(cache, {"k-new": stock(7)})

@@ -319,3 +319,12 @@ async def frozen_cache_catches_up(
         # the drop policy may resnapshot more than once while frozen; the cache sees the last
         assert (server.hub.stats.resyncs >= 1) if resnapshot else server.hub.stats.resyncs == 0
         assert recorder.changes, "the handler saw the changes"
+
+
+async def test_a_cache_closed_before_it_began_closes_quietly() -> None:
+    nowhere = Settings(address="127.0.0.1:9")  # never reached: the cache closes first
+    async with WatchCache(Item, 1, topic=TOPIC, settings=nowhere) as cache:
+        pass  # leaving at once: the cache's task has not run yet
+    assert not cache.synced
+    with pytest.raises(RuntimeError, match="ended before its first snapshot"):
+        await cache.wait_synced()

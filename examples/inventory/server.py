@@ -44,9 +44,12 @@ class InventoryService(SubscriptionManager):
         self.changes = changes
         self.changes_made = 0
 
-    async def event_source(self) -> None:
+    async def prepare(self) -> None:
+        # before the server listens: no client sees the starting stock half-put
         for key, item in starting_stock(self.seed).items():
             await self.put(key, item, topic=TOPIC)
+
+    async def event_source(self) -> None:
         rng = random.Random(self.seed)
         while self.changes_made != self.changes:
             await asyncio.sleep(self.settings.interval)
