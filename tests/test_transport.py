@@ -370,3 +370,21 @@ async def test_garbage_on_the_port_disturbs_no_one(
         channel.close()
         fresh.close()
         await manager.close()
+
+
+async def test_connections_on_a_socket_handed_in_have_tcp_nodelay(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """``start(sock=socket.create_server(...))`` gives a socket of proto 0, on which asyncio
+    and grpclib leave Nagle on: small messages then wait for the peer's delayed ACK."""
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, 1):
+            await server.wait_for(lambda: 1 in server.subscribers)
+            assert server._server is not None
+            [protocol] = server._server._protocols
+            sock = protocol.connection._transport.get_extra_info("socket")
+            assert sock.proto == 0  # what create_server() makes
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        channel.close()
