@@ -887,6 +887,8 @@ class ResilientChannel(Channel):
     stream opened in between fails with ``AttributeError`` instead of a connection error.
     Here a closing connection counts as lost, so the next stream gets a fresh one.
 
+    A connection lost between its opening and the first stream counts as lost too.
+
     And grpclib's ``close()`` does nothing while a connection is being made, which then
     opens after all. Here ``close()`` also stops a connect under way: the stream waiting
     for it, and any opened later, get ``ConnectionAbortedError``.
@@ -923,7 +925,12 @@ class ResilientChannel(Channel):
             if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
                 self.close()  # it connected just as close() was called: close it too
             raise ConnectionAbortedError("the channel was closed while connecting")
-        return connecting.result()
+        protocol = connecting.result()
+        if protocol.connection.is_closing():
+            # lost as soon as it opened (a proxy whose upstream is down): grpclib has dropped
+            # its transport, and a stream on it would fail with AttributeError
+            raise ConnectionResetError("the connection was lost as soon as it opened")
+        return protocol
 
     def close(self) -> None:
         """Close the connection, or stop the one being made."""

@@ -14,6 +14,7 @@ import trustme
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 
 from longlived import (
     AuthSettings,
@@ -30,6 +31,7 @@ from longlived import (
     SubscriptionManager,
     TlsSettings,
 )
+from longlived._transport import ResilientChannel
 from longlived.hub import EndReason
 from tests.helpers import channel_for, receive, running, subscription
 from tests.proxy import proxy_to
@@ -381,3 +383,31 @@ async def test_replacing_another_callers_subscription_is_denied(
         await alice.aclose()
         await bob.aclose()
         await server.close()
+
+
+async def test_a_connection_dropped_as_soon_as_it_opens_is_retried(
+    server: SubscriptionManager, quiet: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost between its opening and the first stream on it (a proxy whose
+    upstream is down accepts, then drops it): grpclib has forgotten its transport, and the
+    stream would fail with AttributeError, which nobody retries. Found by the chaos suite."""
+    create = ResilientChannel._create_connection
+    dropped = 0
+
+    async def lost_at_once(channel: ResilientChannel) -> H2Protocol:
+        nonlocal dropped
+        protocol = await create(channel)
+        if dropped < 3:  # the first three connections are lost as they open
+            dropped += 1
+            protocol.processor.close("Connection lost")
+        return protocol
+
+    monkeypatch.setattr(ResilientChannel, "_create_connection", lost_at_once)
+    async with ResilientClient(1, settings=quiet) as client:
+        first = asyncio.ensure_future(anext(aiter(client)))
+        async with asyncio.timeout(20):
+            await server.wait_for(lambda: 1 in server.subscribers or first.done())
+            server.publish("through")
+            response = await first
+    assert response.data == "through"
+    assert (dropped, client.failures) == (3, 3)
