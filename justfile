@@ -29,3 +29,8 @@ gate: lint typecheck test
 # The demo: server plus ten clients (Ctrl-C to stop).
 demo *ARGS:
     longlived demo {{ARGS}}
+
+# Chaos: every fault kind (kill -9, SIGSTOP, drain, black holes, cuts, replicas, Redis),
+# RUNS runs each, one line of figures per kind.
+chaos RUNS="5":
+    python -m tests.chaos.run --runs {{RUNS}}
