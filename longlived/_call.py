@@ -391,6 +391,8 @@ class PublishCall(_Call):
             )
             if not host.authorize_publish(caller, request):
                 raise CallError(Code.PERMISSION_DENIED, f"{caller.name} may not publish")
+            if not host.accepting:  # emitted now, it would be lost with this server's log
+                raise CallError(Code.UNAVAILABLE, "server shutting down")
         except CallError as exc:
             await self._refuse(exc)
             return

@@ -25,7 +25,8 @@ from longlived import (
     SubscriptionClosed,
     SubscriptionManager,
 )
-from longlived._call import SubscribeCall, UnsubscribeCall
+from longlived._call import PublishCall, SubscribeCall, UnsubscribeCall
+from longlived._proto.longlived import PublishRequest
 from longlived._status import CallError, Code
 
 M = TypeVar("M", bound=betterproto2.Message)
@@ -37,7 +38,9 @@ TOKENS = {"tok-a": "alice", "tok-b": "bob"}
 class FakeTransport:
     """Records what a call sends; the request arrives when the test says so."""
 
-    def __init__(self, request: Request | None = None, *, token: str | None = None) -> None:
+    def __init__(
+        self, request: betterproto2.Message | None = None, *, token: str | None = None
+    ) -> None:
         self.peer = "fake:1"
         self.metadata: Mapping[str, str | bytes] = (
             {"authorization": f"Bearer {token}"} if token else {}
@@ -331,3 +334,18 @@ async def test_a_stalled_peer_is_ended_as_too_slow_and_told_so() -> None:
         await task
     assert transport.status == (Code.RESOURCE_EXHAUSTED, "subscriber too slow", False)
     assert server.subscribers == []
+
+
+async def test_a_publish_while_draining_is_refused_so_the_publisher_retries_elsewhere() -> None:
+    """Emitted into a server that is closing, an event dies with its in-memory log while
+    the publisher believes it delivered; refused, it is retried on the next server."""
+    server = host()
+    closing = asyncio.ensure_future(server.close())
+    await asyncio.sleep(0)  # close() has begun: the server no longer accepts
+    assert not server.accepting
+    transport = FakeTransport(PublishRequest(data="late", topic="t", idempotency_key="k"))
+    async with asyncio.timeout(TIMEOUT):
+        await PublishCall(server, transport).run()
+        await closing
+    assert transport.status == (Code.UNAVAILABLE, "server shutting down", False)
+    assert server.hub.stats.events == 0
