@@ -261,7 +261,13 @@ class WatchCache(Generic[M]):
         """Stop following and close the connection. Idempotent."""
         await self.client.aclose()
         if self._task is not None:
-            await asyncio.wait([self._task])
+            # closing the client ends the task; never wait on it without a bound
+            await asyncio.wait([self._task], timeout=self.client.settings.drain_timeout)
+            if not self._task.done():
+                log.warning("The cache of %d did not stop in time; cancelling it",
+                            self.client.id)  # fmt: skip
+                self._task.cancel()
+                await asyncio.wait([self._task])
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self.run(), name=f"longlived-cache-{self.client.id}")

@@ -199,15 +199,22 @@ class ResilientClient:
             async for event in client.events(Order):
                 print(event.payload.id)  # an Order, for mypy too
 
+        Only events with a value come through: a snapshot's SNAPSHOT messages and the puts
+        of keyed state (``key`` set), not SYNCED nor deletes; follow keyed state with
+        ``WatchCache``, which sees all of them.
+
         Raises what iterating raises, and ``PayloadTypeError`` for an event whose payload
         is missing or of another type (the client's position is already past it).
         """
         async for response in self:
+            if response.kind == ResponseKind.SYNCED or response.deleted:
+                continue
             yield TypedEvent(
                 payload=unpack(response.payload, message_type),
                 token=response.token,
                 topic=response.topic,
                 data=response.data,
+                key=response.key,
             )
 
     async def _messages(self) -> AsyncGenerator[Response, None]:

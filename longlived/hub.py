@@ -247,6 +247,8 @@ class Hub:
             return
         assert self.backfill is not None
         older = await self.backfill(gap.after, gap.upto, sub.id, sub.topics)
+        if sub.gap is not gap:  # resynced meanwhile (the drop policy): the snapshot holds it
+            return
         sub.gap = None
         if isinstance(older, str):
             self._reset(sub, Position(self.epoch, gap.after).token, older)
@@ -289,10 +291,11 @@ class Hub:
         self._end(sub, reason)
         return True
 
-    def end_all(self, reason: EndReason) -> None:
-        """End every subscription (for example at shutdown)."""
+    def end_all(self, reason: EndReason, *, flush_timeout: float | None = None) -> None:
+        """End every subscription (for example at shutdown; see ``Subscriber.end`` for
+        ``flush_timeout``)."""
         for sub in list(self._subscribers.values()):
-            self._end(sub, reason)
+            self._end(sub, reason, flush_timeout)
 
     def end_subscriber(
         self, sub: Subscriber, reason: EndReason, *, flush_timeout: float | None = None
@@ -390,8 +393,10 @@ class Hub:
 
     async def reach(self, seq: int) -> None:
         """Wait until the head is at ``seq`` or past it (a replica reading a shared log
-        behind another). Unbounded by itself: wrap it in ``asyncio.timeout``."""
-        await _until(lambda: self._seq >= seq, self._head_waiters)
+        behind another), or the hub follows another epoch (``seq`` means nothing there).
+        Unbounded by itself: wrap it in ``asyncio.timeout``."""
+        epoch = self.epoch
+        await _until(lambda: self._seq >= seq or self.epoch != epoch, self._head_waiters)
 
     def _head_moved(self) -> None:
         _wake(self._head_waiters)
@@ -405,6 +410,7 @@ class Hub:
         self.state.clear()
         for topic, key, at, data, payload in state:
             self._put(topic, key, at, data, payload)
+        self._head_moved()
 
     def log_lost(
         self,
@@ -515,6 +521,7 @@ class Hub:
                     sub.id, sub.queued)  # fmt: skip
         sub.drop_all()
         if sub.snapshot:  # the state at this event replaces what was dropped
+            sub.gap = None  # and what a shared log was still to fill in
             self.stats.resyncs += 1
             self._resync(sub, "subscriber too slow: events dropped")
         elif sub.control:

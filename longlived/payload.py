@@ -89,3 +89,5 @@ class TypedEvent(Generic[M]):
     topic: str
     data: str
     """The text payload, if the publisher sent one too."""
+    key: str = ""
+    """For keyed state: the key this value was put under."""

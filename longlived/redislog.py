@@ -63,10 +63,11 @@ _CHECK = 5.0
 """Seconds between the reader's checks that the log is still the one it follows."""
 
 # Atomically: answer a key seen within the window with its first entry, or append, and
-# keep the keyed state (the hash KEYS[3]: "<topic>\0<key>" -> "<entry id> <value>") in step
-# with the stream. KEYS[2] is always given (a key of the same slot, for Redis Cluster);
-# ARGV[3] says whether it is an idempotency key to honour; ARGV[4] is the state change
-# ('', 'put' or 'del') of field ARGV[5] with value ARGV[6], at most ARGV[7] fields.
+# keep the keyed state (the hash KEYS[3]: "<topic length>:<topic><key>" -> "<entry id>
+# <value>") in step with the stream. KEYS[2] is always given (a key of the same slot, for
+# Redis Cluster); ARGV[3] says whether it is an idempotency key to honour; ARGV[4] is the
+# state change ('', 'put' or 'del') of field ARGV[5] with value ARGV[6], at most KEYS[4]
+# fields (the bound the replicas recorded) or else ARGV[7].
 _APPEND = """
 local dedup = ARGV[3] == '1'
 if dedup then
@@ -75,7 +76,7 @@ if dedup then
 end
 local op = ARGV[4]
 if op == 'put' and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0
-    and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[7]) then
+    and redis.call('HLEN', KEYS[3]) >= tonumber(redis.call('GET', KEYS[4]) or ARGV[7]) then
   return {'', 2}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 8))
@@ -114,6 +115,15 @@ _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+
+
+def _cancelled() -> None:
+    """Re-raise a cancellation that surfaced as another error: a command interrupted by
+    ``Task.cancel()`` can fail with a ``ConnectionError`` of redis-py's, and a loop that
+    retries on errors would then never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def seq_of(entry: bytes | str) -> int:
@@ -166,12 +176,20 @@ def _value(data: str, payload: bytes) -> bytes:
     return b"%d:" % len(encoded) + encoded + payload
 
 
+def _field(topic: str, key: str) -> bytes:
+    """A key's field in the state hash: the topic's length, the topic, the key (topics and
+    keys may hold any character, so no separator can tell them apart)."""
+    encoded = topic.encode()
+    return b"%d:" % len(encoded) + encoded + key.encode()
+
+
 def _state(raw: object) -> list[StateItem]:
     """The keyed state as ``HGETALL`` of the state hash returns it (a flat list)."""
     flat = cast("list[bytes]", raw or [])
     items: list[StateItem] = []
     for field, value in zip(flat[::2], flat[1::2], strict=True):
-        topic, _, key = field.partition(b"\0")
+        size, _, rest = field.partition(b":")
+        topic, key = rest[: int(size)], rest[int(size) :]
         entry, _, rest = value.partition(b" ")
         size, _, rest = rest.partition(b":")
         length = int(size)
@@ -230,6 +248,7 @@ class RedisAppender:
         self._dedup_prefix = f"{{{name}}}:dedup:"
         self._owner_prefix = f"{{{name}}}:owner:"
         self._state_key = f"{{{name}}}:state"
+        self._max_key = f"{{{name}}}:state:max"
         self.max_keys = max_keys
         self._window_ms = max(1, round(dedup_window * 1000))
         self._redis = _client(settings, reads=True)
@@ -293,9 +312,9 @@ class RedisAppender:
         """
         epoch = await self.epoch()
         dedup = idempotency_key
-        keys = [self.stream, self._dedup_prefix + dedup, self._state_key]
+        keys = [self.stream, self._dedup_prefix + dedup, self._state_key, self._max_key]
         op = ("del" if deleted else "put") if key else ""
-        field = topic.encode() + b"\0" + key.encode()
+        field = _field(topic, key)
         args: list[Any] = [self.settings.maxlen, self._window_ms, "1" if dedup else "0"]
         args += [op, field, _value(data, payload) if op == "put" else b"", self.max_keys]
         args += _fields(data, topic, to, payload, key, deleted)
@@ -312,7 +331,7 @@ class RedisAppender:
         entry, outcome = cast("list[Any]", answer)
         if outcome == 2:
             raise StateFull(
-                f"the keyed state holds {self.max_keys} keys (state.max_keys): "
+                "the keyed state holds as many keys as the replicas allow (state.max_keys): "
                 f"{key!r} on topic {topic!r} was not put"
             )
         return Published(Position(epoch, seq_of(_text(entry))), bool(outcome))
@@ -367,6 +386,8 @@ class RedisLog(RedisAppender):
         try:
             version = str((await self._redis.info("server")).get("redis_version", "0"))
             epoch, last, state = await self._position(state=True)
+            # every appender (a Publisher straight to Redis too) honours the replicas' bound
+            await self._redis.set(self._max_key, self.max_keys)
         except RedisError as exc:
             await self.aclose()
             raise LogUnavailable(f"cannot reach the event log at {self._where()}: {exc}") from exc
@@ -382,14 +403,42 @@ class RedisLog(RedisAppender):
         self._refresher = asyncio.create_task(self._refresh(), name="longlived-redis-claims")
         log.info("Following the event log %s at %s (epoch %s)", self.stream, self._where(), epoch)
 
+    async def catch_up(self, timeout: float) -> None:
+        """Wait until this replica's reader has delivered every entry appended so far (what
+        this replica emitted included: an append returns before the reader has read it).
+
+        Raises:
+            LogUnavailable: Redis cannot be reached, or the reader is not there in time.
+        """
+        try:
+            _, last, _ = await self._position()
+        except RedisError as exc:
+            raise LogUnavailable(f"cannot read the event log: {exc}") from exc
+        try:
+            async with asyncio.timeout(timeout):
+                await self.hub.reach(seq_of(last))
+        except TimeoutError:
+            raise LogUnavailable(
+                f"this replica has not read the event log up to {last} within {timeout:g}s"
+            ) from None
+
     async def close(self) -> None:
-        """Stop following and close the connections."""
+        """Stop following and close the connections, within ``redis.timeout`` plus one
+        read's block."""
         tasks = [task for task in (self._reader, self._refresher) if task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            # a blocked XREAD can outlive its cancellation inside redis-py (seen with a
+            # replica started beside another); closing the connections below ends it
+            await asyncio.wait(tasks, timeout=self.settings.timeout + _BLOCK)
         await self.aclose()
+        stuck = [task for task in tasks if not task.done()]
+        if stuck:
+            await asyncio.wait(stuck, timeout=self.settings.timeout)
+        for task in stuck:
+            if not task.done():
+                log.warning("%s did not stop with the event log closed", task.get_name())
 
     async def owner(self, id: int) -> str | None:
         """Who holds ``id`` on every replica (recorded by ``claim``), if anyone.
@@ -436,6 +485,7 @@ class RedisLog(RedisAppender):
                 for id, owner in open_now.items():
                     await self._refresh_claim(keys=[f"{self._owner_prefix}{id}"], args=[owner, ttl])
             except RedisError as exc:
+                _cancelled()
                 log.warning("Could not refresh subscriber ownership in the event log: %s", exc)
 
     # ------------------------------------------------------------------ reading
@@ -465,6 +515,7 @@ class RedisLog(RedisAppender):
                 batch = [e for _, entries in cast("list[tuple[bytes, object]]", answer or [])
                          for e in _entries(entries)]  # fmt: skip
             except Exception as exc:  # Redis errors, and anything else: the reader goes on
+                _cancelled()  # unless it is being stopped: redis-py may turn that into an error
                 self.connected.clear()
                 self.disconnected.set()
                 delay = self._backoff.compute(min(failures, 64), self._rng)

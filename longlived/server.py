@@ -373,7 +373,8 @@ class SubscriptionManager:
 
     async def prepare(self) -> None:
         """Called by ``start`` once the event log is ready, before the server listens.
-        Override it to put the initial keyed state: no subscriber sees it half-built."""
+        Override it to put the initial keyed state: no subscriber sees it half-built (with
+        a shared log, ``start`` waits until this replica has read back what it put)."""
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return longlived_mapping(self)
@@ -447,6 +448,8 @@ class SubscriptionManager:
                     port=settings.metrics.port,
                 )
             await self.prepare()
+            if shared is not None:  # what prepare() put is in this replica's state
+                await shared.catch_up(settings.redis.timeout)
             if sock is not None:
                 await server.start(sock=sock, ssl=ssl)
             else:
@@ -478,7 +481,8 @@ class SubscriptionManager:
     async def close(self) -> None:
         """Drain: NOT_SERVING, refuse new subscriptions, end streams, close connections.
 
-        Open streams end with UNAVAILABLE ("server shutting down"); clients resume from
+        Open streams end with UNAVAILABLE ("server shutting down") once what is queued for
+        them is written (a peer that does not read is cut off at the deadline); clients resume from
         their position elsewhere or later. Everything happens within
         ``settings.drain_timeout`` seconds: streams that have not ended by then are
         cancelled and their connections closed. Idempotent.
@@ -504,7 +508,9 @@ class SubscriptionManager:
                                 self.settings.drain_timeout)  # fmt: skip
             # connections without streams need no grace before GOAWAY
             idle = self._server.idle_connections() if self._server is not None else set()
-            self.hub.end_all(EndReason.SHUTDOWN)
+            # what is queued still goes out (an in-memory log dies with the process), within
+            # the drain; a peer that does not read is cut off at the deadline
+            self.hub.end_all(EndReason.SHUTDOWN, flush_timeout=max(deadline - loop.time(), 0.0))
             try:
                 async with asyncio.timeout_at(deadline):
                     await self.hub.wait_for(lambda: self.hub.open_streams == 0)

@@ -87,8 +87,9 @@ class Subscriber:
         self.ended = asyncio.Event()
         """Set once the subscription has ended."""
         self.aborted = asyncio.Event()
-        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED (whose
-        queue is still delivered), or ``abort()``. A writer blocked on the peer races it."""
+        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
+        flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
+        on the peer races it."""
         self._queue: deque[bytes] = deque()
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
@@ -135,13 +136,16 @@ class Subscriber:
     def end(self, reason: EndReason, *, flush_timeout: float | None = None) -> None:
         """End the subscription; the first reason wins.
 
-        UNSUBSCRIBED keeps what is queued for the writer; with ``flush_timeout`` it is
-        abandoned after that many seconds (a peer that stopped reading). Every other reason
-        abandons the queue at once.
+        UNSUBSCRIBED, and SHUTDOWN given a ``flush_timeout``, keep what is queued for the
+        writer; with ``flush_timeout`` it is abandoned after that many seconds (a peer that
+        stopped reading). Every other reason abandons the queue at once.
         """
         if self.end_reason is None:
             self.end_reason = reason
-            if reason is not EndReason.UNSUBSCRIBED:
+            flushed = reason is EndReason.UNSUBSCRIBED or (
+                reason is EndReason.SHUTDOWN and flush_timeout is not None
+            )
+            if not flushed:
                 self.abort()
             elif flush_timeout is not None:
                 loop = asyncio.get_running_loop()

@@ -799,7 +799,7 @@ async def test_the_keyed_state_bound_holds_across_replicas(
     async with serving(settings) as a, serving(settings) as b:
         await a.put("one", stock(1))
         await b.put("two", stock(2))
-        with pytest.raises(StateFull, match="holds 2 keys"):
+        with pytest.raises(StateFull, match=r"as many keys as the replicas allow"):
             await a.put("three", stock(3))
         await b.put("one", stock(11))  # an existing key still changes
         await a.delete("two")
@@ -837,3 +837,53 @@ async def test_a_cache_resyncs_to_what_redis_holds_after_losing_its_data(
             assert sorted((c.type, c.key) for c in seen) == [("deleted", f"k{n}") for n in range(5)]
             await server.put("k-new", stock(7), topic="stock", idempotency_key="new")
             await synced_to(cache, {"k-new": stock(7)})
+
+
+async def test_keys_and_topics_that_share_bytes_stay_apart_in_redis(
+    redis: RedisServer, base: Settings
+) -> None:
+    """The state hash once joined topic and key with a NUL: ("a", "b\\0c") and ("a\\0b", "c")
+    were the same field, and a replica loading the state got one value in the wrong place."""
+    settings = on(redis, base)
+    async with serving(settings) as a:
+        await a.put("b\0c", stock(1), topic="a")
+        await read_up_to(await a.put("c", stock(2), topic="a\0b"), a)
+        async with serving(settings) as late:
+            assert late.items(Item, topic="a") == {"b\0c": stock(1)}
+            assert late.items(Item, topic="a\0b") == {"c": stock(2)}
+
+
+async def test_a_publisher_straight_to_redis_honours_the_replicas_bound(
+    redis: RedisServer, base: Settings
+) -> None:
+    settings = on(redis, base).model_copy(update={"state": StateSettings(max_keys=1)})
+    async with serving(settings) as server:
+        # the publisher's own settings do not say what the replicas allow
+        direct = on(redis, base).model_copy(update={"publish": PublishSettings(via="redis")})
+        async with Publisher(settings=direct) as publisher:
+            await publisher.put("one", stock(1))
+            with pytest.raises(PublishRefused, match=r"RESOURCE_EXHAUSTED.*replicas allow"):
+                await publisher.put("two", stock(2))
+        await read_up_to(await server.put("one", stock(11)), server)
+        assert server.items(Item) == {"one": stock(11)}
+
+
+async def test_a_replica_puts_its_initial_state_before_it_listens(
+    redis: RedisServer, base: Settings
+) -> None:
+    """``prepare()`` puts through Redis; the replica must have read it all back before its
+    first subscriber can take a snapshot."""
+
+    class Stocked(SubscriptionManager):
+        async def prepare(self) -> None:
+            for n in range(50):
+                await self.put(f"k{n}", stock(n), topic="stock")
+
+    settings = on(redis, base)
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = Stocked(settings.model_copy(update={"address": f"127.0.0.1:{sock.getsockname()[1]}"}))
+    await server.start(sock=sock)
+    try:
+        assert len(server.items(Item, topic="stock")) == 50
+    finally:
+        await server.close()

@@ -17,6 +17,7 @@ from longlived import (
     PublishRefused,
     QueueSettings,
     ReplaySettings,
+    ResilientClient,
     Response,
     ResponseKind,
     Settings,
@@ -328,3 +329,36 @@ async def test_a_cache_closed_before_it_began_closes_quietly() -> None:
     assert not cache.synced
     with pytest.raises(RuntimeError, match="ended before its first snapshot"):
         await cache.wait_synced()
+
+
+async def test_typed_events_of_a_snapshot_client_skip_synced_and_deletes(
+    listener: socket.socket, keyed: Settings
+) -> None:
+    """``events(M)`` unpacked every message: SYNCED and deletes carry no payload, and it
+    raised PayloadTypeError at the first one."""
+    async with running(keyed, listener) as server:
+        await server.put("a", Item(sku="a", count=1), topic=TOPIC)
+        client = ResilientClient(1, settings=keyed, topics=[TOPIC], snapshot=True)
+        async with client:
+            events = client.events(Item)
+            async with asyncio.timeout(TIMEOUT):
+                first = await anext(events)  # the snapshot's one value
+                await server.delete("a", topic=TOPIC)
+                await server.put("b", Item(sku="b", count=2), topic=TOPIC)
+                second = await anext(events)
+        assert (first.key, first.payload.count) == ("a", 1)
+        assert (second.key, second.payload.count) == ("b", 2)
+
+
+async def test_a_resume_waiting_for_a_lagging_replica_ends_when_the_log_is_replaced() -> None:
+    hub = make_hub()
+    waiting = asyncio.ensure_future(hub.reach(150))
+    await asyncio.sleep(0)
+    hub.start_at("e1", 200)  # the reader followed a log that is already past it
+    async with asyncio.timeout(TIMEOUT):
+        await waiting
+    waiting = asyncio.ensure_future(hub.reach(500))
+    await asyncio.sleep(0)
+    hub.log_lost("e2", 3)  # another epoch: 500 means nothing there, the resume goes on
+    async with asyncio.timeout(TIMEOUT):
+        await waiting
