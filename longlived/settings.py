@@ -69,12 +69,16 @@ class BackoffSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    initial: float = Field(1.0, gt=0, description="delay before the first retry, seconds")
-    multiplier: float = Field(1.6, ge=1, description="growth of the delay per failed attempt")
-    jitter: float = Field(0.2, ge=0, lt=1, description="relative random spread of each delay")
-    max: float = Field(120.0, gt=0, description="cap on the delay, seconds")
+    initial: float = Field(default=1.0, gt=0, description="delay before the first retry, seconds")
+    multiplier: float = Field(
+        default=1.6, ge=1, description="growth of the delay per failed attempt"
+    )
+    jitter: float = Field(
+        default=0.2, ge=0, lt=1, description="relative random spread of each delay"
+    )
+    max: float = Field(default=120.0, gt=0, description="cap on the delay, seconds")
     max_attempts: int = Field(
-        0, ge=0, description="give up after this many failures in a row (0 = never)"
+        default=0, ge=0, description="give up after this many failures in a row (0 = never)"
     )
 
     @model_validator(mode="after")
@@ -96,11 +100,11 @@ class QueueSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(
-        1024, ge=1, le=1_000_000,
+        default=1024, ge=1, le=1_000_000,
         description="live messages a subscriber may have queued before it counts as too slow",
     )  # fmt: skip
     policy: Literal["disconnect", "drop"] = Field(
-        "disconnect",
+        default="disconnect",
         description="a full queue: `disconnect` ends the stream (RESOURCE_EXHAUSTED; the client "
         "resumes from history), `drop` discards the queue and sends RESET",
     )
@@ -111,7 +115,7 @@ class ReplaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    size: int = Field(10_000, ge=0, le=10_000_000, description="events kept for resuming")
+    size: int = Field(default=10_000, ge=0, le=10_000_000, description="events kept for resuming")
 
 
 class HeartbeatSettings(BaseModel):
@@ -120,15 +124,15 @@ class HeartbeatSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     interval: float = Field(
-        0.0, ge=0, le=3600,
+        default=0.0, ge=0, le=3600,
         description="client: ask for a heartbeat after this many idle seconds (0 = none)",
     )  # fmt: skip
     misses: float = Field(
-        3.0, ge=1, le=100,
+        default=3.0, ge=1, le=100,
         description="client: a stream silent for misses x interval counts as dead",
     )  # fmt: skip
     min_interval: float = Field(
-        0.05, gt=0, le=3600,
+        default=0.05, gt=0, le=3600,
         description="server: shortest heartbeat period it grants a client, seconds",
     )  # fmt: skip
 
@@ -139,16 +143,18 @@ class KeepaliveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     time: float | None = Field(
-        30.0, gt=0, le=86_400,
+        default=30.0, gt=0, le=86_400,
         description="send a ping after this many seconds (null = never); a peer that does not "
         "answer within `timeout` is dropped",
     )  # fmt: skip
-    timeout: float = Field(10.0, gt=0, le=3600, description="seconds to wait for a ping's ack")
+    timeout: float = Field(
+        default=10.0, gt=0, le=3600, description="seconds to wait for a ping's ack"
+    )
     permit_without_calls: bool = Field(
-        True, description="ping even when the connection carries no stream"
+        default=True, description="ping even when the connection carries no stream"
     )
     max_pings_without_data: int = Field(
-        0, ge=0, le=1000,
+        default=0, ge=0, le=1000,
         description="pings sent in a row without data in between (0 = unlimited)",
     )  # fmt: skip
 
@@ -159,19 +165,20 @@ class TlsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cert: Path | None = Field(
-        None, description="PEM certificate: the server's, or the client's for mutual TLS"
+        default=None, description="PEM certificate: the server's, or the client's for mutual TLS"
     )
-    key: Path | None = Field(None, description="PEM private key of `cert`")
+    key: Path | None = Field(default=None, description="PEM private key of `cert`")
     ca: Path | None = Field(
-        None,
+        default=None,
         description="PEM CA bundle: on the server, clients must present a certificate it "
         "signed (mutual TLS); on the client, the server's certificate must chain to it",
     )
     enabled: bool = Field(
-        False, description="client: use TLS (implied by `ca`; system CAs when `ca` is unset)"
+        default=False,
+        description="client: use TLS (implied by `ca`; system CAs when `ca` is unset)",
     )
     server_name: str | None = Field(
-        None, description="client: name to verify the server certificate against"
+        default=None, description="client: name to verify the server certificate against"
     )
 
     @model_validator(mode="after")
@@ -194,7 +201,7 @@ class AuthSettings(BaseModel):
         description="server: accepted bearer tokens, each mapped to the caller's name "
         '(JSON, e.g. \'{"s3cret": "alice"}\')',
     )
-    token: str | None = Field(None, description="client: bearer token to send")
+    token: str | None = Field(default=None, description="client: bearer token to send")
     publishers: list[str] = Field(
         default_factory=list,
         description="server: callers (names from `tokens`) allowed to publish when auth is "
@@ -213,39 +220,42 @@ class LimitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_subscribers: int = Field(
-        100_000, ge=1, le=10_000_000,
+        default=100_000, ge=1, le=10_000_000,
         description="open subscriptions at most; more get RESOURCE_EXHAUSTED",
     )  # fmt: skip
     max_message_size: int = Field(
-        65_536, ge=64, le=64 * 1024 * 1024,
+        default=65_536, ge=64, le=64 * 1024 * 1024,
         description="largest request message accepted, bytes; larger get RESOURCE_EXHAUSTED",
     )  # fmt: skip
     max_event_size: int = Field(
-        1 << 20, ge=64, le=64 * 1024 * 1024,
+        default=1 << 20, ge=64, le=64 * 1024 * 1024,
         description="largest Publish request accepted, bytes; larger get RESOURCE_EXHAUSTED",
     )  # fmt: skip
     admission_timeout: float = Field(
-        10.0, gt=0, le=3600,
+        default=10.0, gt=0, le=3600,
         description="seconds a call gets to present its credentials and its whole request; "
         "later: DEADLINE_EXCEEDED",
     )  # fmt: skip
     max_pending_streams: int = Field(
-        100, ge=1, le=1_000_000,
+        default=100, ge=1, le=1_000_000,
         description="streams per connection whose request has not fully arrived; more are "
         "refused (RESOURCE_EXHAUSTED)",
     )  # fmt: skip
     max_metadata_size: int = Field(
-        16_384, ge=1024, le=1 << 20,
+        default=16_384, ge=1024, le=1 << 20,
         description="request metadata per call, bytes (HPACK size); more fail that call "
         "(RESOURCE_EXHAUSTED)",
     )  # fmt: skip
     resets_per_second: float = Field(
-        100.0, gt=0, le=1_000_000,
+        default=100.0, gt=0, le=1_000_000,
         description="streams a connection may reset per second, sustained; beyond that and "
         "the burst it gets GOAWAY ENHANCE_YOUR_CALM",
     )  # fmt: skip
     reset_burst: int = Field(
-        1000, ge=1, le=1_000_000, description="stream resets allowed at once on top of the rate"
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="stream resets allowed at once on top of the rate",
     )
 
 
@@ -255,21 +265,21 @@ class PublishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dedup_window: float = Field(
-        120.0, gt=0, le=86_400,
+        default=120.0, gt=0, le=86_400,
         description="server: a publish retried with the same idempotency key within this many "
         "seconds is emitted once; publisher: no retry may end later than this after a "
         "publish's first attempt (give it the server's value)",
     )  # fmt: skip
     dedup_max_keys: int = Field(
-        100_000, ge=1, le=10_000_000,
+        default=100_000, ge=1, le=10_000_000,
         description="server: idempotency keys remembered at most (the oldest go first)",
     )  # fmt: skip
     timeout: float = Field(
-        10.0, gt=0, le=3600,
+        default=10.0, gt=0, le=3600,
         description="publisher: how long one publish attempt may take, seconds",
     )  # fmt: skip
     via: Literal["server", "redis"] = Field(
-        "server",
+        default="server",
         description="publisher: through a server's Publish RPC, or appended to the shared log "
         "at `redis.url` directly (Redis access is then the only check of who may publish)",
     )
@@ -281,29 +291,30 @@ class RedisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str | None = Field(
-        None,
+        default=None,
         description="redis:// or rediss:// URL of the shared log (unset = in memory, one process)",
     )
     stream: str = Field(
-        "longlived", min_length=1, max_length=200,
+        default="longlived", min_length=1, max_length=200,
         description="name of the log: its keys are `{name}:events`, `{name}:epoch`, ... (one "
         "Redis Cluster slot)",
     )  # fmt: skip
     maxlen: int = Field(
-        100_000, ge=1, le=100_000_000,
+        default=100_000, ge=1, le=100_000_000,
         description="events the stream keeps (XADD MAXLEN ~): how far back a client can resume",
     )  # fmt: skip
 
     cluster: bool = Field(
-        False, description="`url` names a node of a Redis Cluster (the log's keys share a slot)"
+        default=False,
+        description="`url` names a node of a Redis Cluster (the log's keys share a slot)",
     )
     timeout: float = Field(
-        5.0, gt=0, le=3600,
+        default=5.0, gt=0, le=3600,
         description="seconds a Redis command may take before the log counts as unavailable "
         "(a frozen or unreachable Redis fails publishes instead of hanging them)",
     )  # fmt: skip
     claim_ttl: int = Field(
-        86_400, ge=1, le=365 * 86_400,
+        default=86_400, ge=1, le=365 * 86_400,
         description="seconds a subscriber id stays owned by its caller after its last "
         "subscribe (auth on): cover how long its events stay in the stream",
     )  # fmt: skip
@@ -323,9 +334,9 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int | None = Field(
-        None, ge=0, le=65535, description="serve /metrics on this port (0 = any free port)"
+        default=None, ge=0, le=65535, description="serve /metrics on this port (0 = any free port)"
     )
-    host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
+    host: str = Field(default="127.0.0.1", description="address the metrics endpoint listens on")
 
 
 class Settings(BaseSettings):
@@ -345,57 +356,62 @@ class Settings(BaseSettings):
     )
 
     address: Address = Field(
-        "127.0.0.1:7070", description="host:port the server listens on and clients connect to"
+        default="127.0.0.1:7070",
+        description="host:port the server listens on and clients connect to",
     )
-    interval: float = Field(1.0, gt=0, le=86_400, description="mock generator period, seconds")
+    interval: float = Field(
+        default=1.0, gt=0, le=86_400, description="mock generator period, seconds"
+    )
     source: Literal["mock", "none"] = Field(
-        "mock",
+        default="mock",
         description="serve: where events come from: `mock` (the original's generator) or "
         "`none` (only Publish and the app's own calls)",
     )
-    count: int = Field(10, ge=1, le=100_000, description="clients started by `clients`/`demo`")
+    count: int = Field(
+        default=10, ge=1, le=100_000, description="clients started by `clients`/`demo`"
+    )
     stagger: float = Field(
-        2.0, ge=0, le=3600, description="pause between starting two clients, seconds"
+        default=2.0, ge=0, le=3600, description="pause between starting two clients, seconds"
     )
     duration: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="stop after this many seconds (unset = run until Ctrl-C/SIGTERM)",
     )
     package: Literal["longlived", "protos"] = Field(
-        "longlived",
+        default="longlived",
         description="proto package of the paths the client calls "
         "(`protos`: the original Go server)",
     )
     max_streams_per_connection: int = Field(
-        1024,
+        default=1024,
         ge=1,
         le=2**31 - 1,
         description="HTTP/2 MAX_CONCURRENT_STREAMS the server advertises and enforces "
         "(h2's default is 100)",
     )
     connect_timeout: float = Field(
-        20.0,
+        default=20.0,
         gt=0,
         le=3600,
         description="client: how long one subscribe attempt may take to be answered, seconds",
     )
     drain_timeout: float = Field(
-        10.0, gt=0, le=3600,
+        default=10.0, gt=0, le=3600,
         description="shutdown: how long streams get to end before they are cancelled, seconds",
     )  # fmt: skip
     max_connection_age: float | None = Field(
-        None, gt=0, le=30 * 86_400,
+        default=None, gt=0, le=30 * 86_400,
         description="end streams older than this (±10 %) with UNAVAILABLE so clients "
         "reconnect and load balancers can rebalance, seconds (null = never)",
     )  # fmt: skip
-    health: bool = Field(True, description="serve grpc.health.v1 (Check and Watch)")
-    reflection: bool = Field(True, description="serve gRPC server reflection")
+    health: bool = Field(default=True, description="serve grpc.health.v1 (Check and Watch)")
+    reflection: bool = Field(default=True, description="serve gRPC server reflection")
     log_format: Literal["plain", "json"] = Field(
-        "plain", description="CLI log lines: plain text or JSON objects"
+        default="plain", description="CLI log lines: plain text or JSON objects"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="logging level of the CLI"
+        default="INFO", description="logging level of the CLI"
     )
     topics: list[str] = Field(
         default_factory=list,

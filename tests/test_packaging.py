@@ -1,0 +1,79 @@
+"""longlived as an app's developer installs and type-checks it: an editable install seen from
+outside the repo, plain ``mypy --strict`` and strict pyright without the project's config
+(no pydantic plugin), and what the wheel ships."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 300
+
+
+def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run ``args`` in ``cwd``; its output, asserting it succeeded."""
+    result = subprocess.run(
+        [str(arg) for arg in args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def app_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The interpreter of a fresh venv with longlived installed as ``pip install -e`` does,
+    its dependencies taken from this venv (no index, no build isolation: no network)."""
+    venv = tmp_path_factory.mktemp("venv")
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=venv)
+    python = venv / "bin" / "python"
+    purelib = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
+                       cwd=venv).strip())  # fmt: skip
+    (purelib / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+        "--no-index", "--no-build-isolation", "--editable", ROOT, cwd=venv)  # fmt: skip
+    return python
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    """``examples/`` copied into an app directory outside the repo, with no config of ours."""
+    shutil.copytree(ROOT / "examples", tmp_path / "app", ignore=shutil.ignore_patterns("__py*"))
+    return tmp_path
+
+
+def test_plain_mypy_strict_passes_on_an_app_outside_the_repo(app: Path, app_python: Path) -> None:
+    # no pydantic plugin: Settings() must type-check through dataclass_transform alone
+    out = run(sys.executable, "-m", "mypy", "--strict", "--config-file", os.devnull,
+              "--no-incremental", "--python-executable", app_python, "app", cwd=app)  # fmt: skip
+    assert "Success: no issues found" in out
+
+
+def test_strict_pyright_passes_on_an_app_outside_the_repo(app: Path, app_python: Path) -> None:
+    (app / "pyrightconfig.json").write_text('{"typeCheckingMode": "strict"}')
+    # the warning about newer pyright releases would ask PyPI
+    env = {**os.environ, "PYRIGHT_PYTHON_IGNORE_WARNINGS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", str(app_python), "app"],
+        cwd=app, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    problems = [
+        f"{d['file']}:{d['range']['start']['line'] + 1}: {d['message']}"
+        for d in report["generalDiagnostics"]
+    ]
+    assert problems == []
+    assert report["summary"]["filesAnalyzed"] == 2
