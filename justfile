@@ -5,7 +5,7 @@ export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 default:
     @just --list
 
-# Regenerate longlived/_proto from proto/ (betterproto2).
+# Regenerate longlived/_proto from proto/ (betterproto2) and its copy in longlived/proto/.
 codegen:
     python codegen/generate.py
 

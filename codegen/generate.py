@@ -1,8 +1,9 @@
-"""Generate ``longlived/_proto`` from ``proto/longlived.proto`` with betterproto2.
+"""Generate ``longlived/_proto`` from ``proto/longlived.proto`` with betterproto2, and copy
+the ``.proto`` files into ``longlived/proto/`` (package data: the wheel ships the contract).
 
-Usage: ``python codegen/generate.py [OUT_DIR]`` (default: ``longlived/_proto``).
-The output is committed; ``tests/test_codegen.py`` regenerates it into a temporary
-directory and fails on any difference.
+Usage: ``python codegen/generate.py [OUT_DIR]`` (default: ``longlived/_proto``; the copies
+are made only then). The output is committed; ``tests/test_codegen.py`` regenerates it into
+a temporary directory and fails on any difference, and on copies that differ from ``proto/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "longlived" / "_proto"
+PACKAGED = ROOT / "longlived" / "proto"
 OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
@@ -44,5 +46,18 @@ def generate(out: Path) -> None:
         shutil.copytree(tmp, out)
 
 
+def package_protos(out: Path = PACKAGED) -> None:
+    """Copy ``proto/*.proto`` into ``out``, replacing what was there."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    for proto in sorted(PROTO_DIR.glob("*.proto")):
+        shutil.copy2(proto, out / proto.name)
+
+
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+    if len(sys.argv) > 1:
+        generate(Path(sys.argv[1]))
+    else:
+        generate(DEFAULT_OUT)
+        package_protos()

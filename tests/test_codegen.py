@@ -1,4 +1,5 @@
-"""The committed ``longlived/_proto`` is exactly what ``codegen/`` produces from ``proto/``."""
+"""The committed ``longlived/_proto`` is exactly what ``codegen/`` produces from ``proto/``, and
+``longlived/proto/`` (shipped in the wheel) holds the same ``.proto`` files."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     assert sorted(fresh) == sorted(committed), "run `just codegen` and commit the result"
     changed = [name for name in fresh if not filecmp.cmp(fresh[name], committed[name], False)]
     assert changed == [], f"stale generated files {changed}: run `just codegen` and commit"
+
+
+def test_the_packaged_protos_are_the_contract() -> None:
+    fresh, packaged = _tree(ROOT / "proto"), _tree(ROOT / "longlived" / "proto")
+    assert sorted(packaged) == sorted(fresh), "run `just codegen` and commit the result"
+    changed = [name for name in fresh if not filecmp.cmp(fresh[name], packaged[name], False)]
+    assert changed == [], f"stale packaged protos {changed}: run `just codegen` and commit"

@@ -4,12 +4,14 @@ outside the repo, plain ``mypy --strict`` and strict pyright without the project
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,27 @@ def test_strict_pyright_passes_on_an_app_outside_the_repo(app: Path, app_python:
     ]
     assert problems == []
     assert report["summary"]["filesAnalyzed"] == 2
+
+
+def test_the_wheel_ships_the_proto_and_the_license(tmp_path: Path) -> None:
+    # built from a copy: setuptools builds in the source tree, and a stale build/ would hide
+    # what a fresh checkout ships
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".*_cache", "__pycache__", "build", "dist", "*.egg-info"))  # fmt: skip
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+        "--no-build-isolation", "--wheel-dir", tmp_path / "dist", source, cwd=tmp_path)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("longlived-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        proto = archive.read("longlived/proto/longlived.proto")
+        license = archive.read(next(n for n in names if n.endswith(".dist-info/licenses/LICENSE")))
+    assert proto == (ROOT / "proto" / "longlived.proto").read_bytes()
+    assert b"MIT License" in license
+    assert {"longlived/py.typed", "longlived/_proto/py.typed"} <= names
+    assert not any(name.startswith(("tests/", "examples/", "benchmarks/")) for name in names)
+
+
+def test_the_proto_is_found_as_the_readme_says() -> None:
+    proto = importlib.resources.files("longlived") / "proto" / "longlived.proto"
+    assert proto.read_bytes() == (ROOT / "proto" / "longlived.proto").read_bytes()
