@@ -50,6 +50,7 @@ from h2.settings import SettingCodes
 
 from longlived._aio import wait_first
 from longlived._call import CallHost, PublishCall, SubscribeCall, UnsubscribeCall
+from longlived._logfields import fields
 from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
 from longlived._status import CallError, Code
 from longlived._wire import NO_RETRY_HEADER, PACKAGES, decode_request, too_large
@@ -346,7 +347,8 @@ class _Handler(grpclib.server.Handler):
         if now - self._refusal_logged >= 1.0:  # one line a second per connection at most
             self._refusal_logged = now
             log.warning("Refused a stream from %s: %s (%d refused on this connection)",
-                        self.peer, message, self._refusals)  # fmt: skip
+                        self.peer, message, self._refusals,
+                        extra=fields(peer=self.peer, status=status.name))  # fmt: skip
         assert stream.id is not None
         h2_conn = self.connection._connection
         h2_stream = h2_conn.streams.get(stream.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import queue
@@ -103,19 +104,29 @@ def _subscriber_id(text: str) -> int:
     return int(text)
 
 
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+"""What every ``LogRecord`` has; the rest came in a call's ``extra=`` (``_logfields``)."""
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (and the exception)."""
+    """One JSON object per log line: time (UTC, milliseconds), level, logger, message, the
+    fields the call passed in ``extra=`` (subscriber, peer, status, token, delay), and the
+    exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        time = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry: dict[str, object] = {
+            "time": time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and name not in entry:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def _configure_logging(level: str, fmt: str = "plain") -> None:

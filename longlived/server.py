@@ -29,6 +29,7 @@ from grpclib.health.check import ServiceStatus
 from longlived._call import SubscribeCall
 from longlived._dedup import Deduplicator
 from longlived._local import LocalTransport
+from longlived._logfields import fields
 from longlived._proto.longlived import PublishRequest, Request, Response
 from longlived._status import Code
 from longlived._transport import (
@@ -123,7 +124,8 @@ class SubscriptionManager:
     def refused(self, code: Code, message: str, peer: str) -> None:
         """Count and log a refused call (the calls report each refusal here)."""
         self.rejected[code.name] += 1
-        log.warning("Refused a call from %s: %s (%s)", peer, message, code.name)
+        log.warning("Refused a call from %s: %s (%s)", peer, message, code.name,
+                    extra=fields(peer=peer, status=code.name))  # fmt: skip
 
     @property
     def subscribers(self) -> list[int]:
@@ -488,7 +490,7 @@ class SubscriptionManager:
         self.hub.end_subscriber(
             sub, EndReason.UNSUBSCRIBED, flush_timeout=self.settings.drain_timeout
         )
-        log.info("Unsubscribed client: %d", message.id)
+        log.info("Unsubscribed client: %d", message.id, extra=fields(subscriber=message.id))
         return Response()
 
     async def subscribe(

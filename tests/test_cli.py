@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import signal
 import socket
@@ -11,7 +13,18 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from longlived import AuthSettings, LimitSettings, Request, Settings, SubscriptionManager
+from longlived import (
+    AuthSettings,
+    BackoffSettings,
+    LimitSettings,
+    Request,
+    ResilientClient,
+    Settings,
+    SubscriptionClosed,
+    SubscriptionManager,
+)
+from longlived._logfields import fields
+from longlived.cli import JsonFormatter
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
@@ -150,6 +163,61 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+# ----------------------------------------------------------------------- logs
+
+PEER = re.compile(r"127\.0\.0\.1:\d+")
+
+
+def test_json_lines_have_utc_milliseconds_and_the_fields_passed() -> None:
+    record = logging.getLogger("longlived.test").makeRecord(
+        "longlived.test", logging.WARNING, __file__, 1, "Client ID %d: retry in %.2fs",
+        (0, 0.25), None, extra=fields(subscriber=0, delay=0.25, token=""),
+    )  # fmt: skip
+    record.created = 1_700_000_000.5  # 2023-11-14T22:13:20.5 UTC, whatever the local zone
+    assert json.loads(JsonFormatter().format(record)) == {
+        "time": "2023-11-14T22:13:20.500Z",
+        "level": "WARNING",
+        "logger": "longlived.test",
+        "message": "Client ID 0: retry in 0.25s",
+        "subscriber": 0,
+        "delay": 0.25,
+    }
+
+
+async def test_json_logs_name_the_subscriber_the_peer_and_the_status(
+    processes: list[Process],
+) -> None:
+    server = await Process.start(
+        "serve", "--address", "127.0.0.1:0", "--interval", "0.1", "--log-format", "json",
+        "--auth.tokens", '{"t-alice": "alice"}',
+    )  # fmt: skip
+    processes.append(server)
+    async with asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda lines: any("Listening on" in line for line in lines))
+    listening = next(line for line in server.lines if "Listening on" in line)
+    address = json.loads(listening)["message"].removeprefix("Listening on ")
+    stranger = Settings(address=address, backoff=BackoffSettings(max_attempts=1))
+    alice = stranger.model_copy(update={"auth": AuthSettings(token="t-alice")})
+    async with (
+        ResilientClient(5, settings=alice) as member,
+        ResilientClient(6, settings=stranger) as other,
+    ):
+        async with asyncio.timeout(TIMEOUT):
+            assert (await anext(aiter(member))).data == "data mock for: 5"
+            with pytest.raises(SubscriptionClosed):
+                await anext(aiter(other))
+            await server.wait_for(lambda lines: any("Refused" in line for line in lines))
+    assert await server.stop() == 0
+    entries = [json.loads(line) for line in server.lines]
+    (received,) = [e for e in entries if e["message"].startswith("Received subscribe")]
+    assert received["subscriber"] == 5
+    assert PEER.fullmatch(received["peer"])
+    (refused,) = [e for e in entries if e["message"].startswith("Refused")]
+    assert (refused["level"], refused["status"]) == ("WARNING", "UNAUTHENTICATED")
+    assert PEER.fullmatch(refused["peer"])
+    assert refused["peer"] != received["peer"]  # each names its own connection
 
 
 # -------------------------------------------------------------------- publish

@@ -653,7 +653,8 @@ async def test_serve_logs_one_json_object_per_line() -> None:
     entries = [json.loads(line) for line in lines]
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= entry.keys(), entry
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", entry["time"]), entry
+        # UTC, to the millisecond
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
     messages = [(entry["level"], entry["logger"], entry["message"]) for entry in entries]
     assert any(
         re.fullmatch(r"Listening on 127\.0\.0\.1:[1-9]\d*", message) for _, _, message in messages
