@@ -26,11 +26,11 @@ from pydantic_settings import CliSettingsSource, SettingsError
 
 from longlived._wire import MAX_ID
 from longlived.client import ResilientClient
-from longlived.errors import LonglivedError, PublishRefused, ResumeExpired
+from longlived.errors import ListenError, LonglivedError, PublishRefused, ResumeExpired
 from longlived.metrics import client_samples, on_loop, serve_metrics
 from longlived.publisher import Publisher
 from longlived.server import SubscriptionManager
-from longlived.settings import Settings, format_validation_error
+from longlived.settings import Settings, format_settings_error, format_validation_error
 
 __all__ = ["main", "run_clients"]
 
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"longlived: {line}", file=sys.stderr)
         return 2
     except SettingsError as exc:
-        print(f"longlived: {exc}", file=sys.stderr)
+        print(f"longlived: {format_settings_error(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level, settings.log_format)
     publish = _Publish(
@@ -386,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     try:
         _run(commands[namespace.command], settings)
+    except ListenError as exc:
+        print(f"longlived: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         log.error("%s", exc)
         return 1

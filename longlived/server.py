@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -41,7 +42,7 @@ from longlived._transport import (
 )
 from longlived._wire import PACKAGES, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
-from longlived.errors import LogUnavailable, SubscriptionClosed
+from longlived.errors import ListenError, LogUnavailable, SubscriptionClosed
 from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
@@ -61,6 +62,15 @@ log = logging.getLogger(__name__)
 
 _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
+
+
+@contextlib.contextmanager
+def _listener(address: str, name: str) -> Iterator[None]:
+    """An ``OSError`` starting the listener ``name`` on ``address`` becomes a ``ListenError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(address, name, exc) from exc
 
 
 class SubscriptionManager:
@@ -335,7 +345,8 @@ class SubscriptionManager:
         """Listen on ``settings.address`` (or on ``sock``) and start the event source.
 
         All or nothing: if a listener cannot start (a port in use), whatever did start is
-        closed again, the error propagates, and ``start`` may be called again.
+        closed again, ``ListenError`` (an ``OSError``) names the address and the listener,
+        and ``start`` may be called again.
         """
         if self._server is not None:
             raise RuntimeError("SubscriptionManager is already started")
@@ -369,15 +380,17 @@ class SubscriptionManager:
                 )
                 await shared.start()
             if settings.metrics.port is not None:
-                metrics = serve_metrics(
-                    on_loop(self.stats, asyncio.get_running_loop()),
-                    host=settings.metrics.host,
-                    port=settings.metrics.port,
-                )
+                with _listener(f"{settings.metrics.host}:{settings.metrics.port}", "metrics"):
+                    metrics = serve_metrics(
+                        on_loop(self.stats, asyncio.get_running_loop()),
+                        host=settings.metrics.host,
+                        port=settings.metrics.port,
+                    )
             if sock is not None:
                 await server.start(sock=sock, ssl=ssl)
             else:
-                await server.start(settings.host, settings.port, ssl=ssl)
+                with _listener(settings.address, "gRPC"):
+                    await server.start(settings.host, settings.port, ssl=ssl)
         except BaseException:
             server.stop()
             if metrics is not None:

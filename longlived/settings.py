@@ -9,11 +9,16 @@ naming the variable, the value and what is allowed.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
+from dotenv import dotenv_values
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from longlived.backoff import Backoff
 from longlived.errors import ConfigError
@@ -32,12 +37,14 @@ __all__ = [
     "ReplaySettings",
     "Settings",
     "TlsSettings",
+    "format_settings_error",
     "format_validation_error",
     "load_settings",
     "parse_address",
 ]
 
 ENV_PREFIX = "LONGLIVED_"
+ENV_FILE = ".env"
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -63,8 +70,36 @@ def _check_address(value: str) -> str:
 
 Address = Annotated[str, AfterValidator(_check_address)]
 
+_NONE_WORDS = frozenset({"null", "none"})
 
-class BackoffSettings(BaseModel):
+
+def _none_words(model: type[BaseModel], data: object) -> object:
+    """``data`` with ``null`` / ``none`` (any case) as None for the fields that may be None:
+    env vars and flags are text, and "unset" has to be spelled somehow."""
+    if not isinstance(data, dict):
+        return data
+    fields = model.model_fields
+    return {
+        name: None
+        if isinstance(value, str)
+        and value.strip().lower() in _NONE_WORDS
+        and name in fields
+        and type(None) in get_args(fields[name].annotation)
+        else value
+        for name, value in data.items()
+    }
+
+
+class _Group(BaseModel):
+    """A group of settings (``LONGLIVED_<GROUP>__<NAME>``, ``--<group>.<name>``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset(cls, data: object) -> object:
+        return _none_words(cls, data)
+
+
+class BackoffSettings(_Group):
     """Client reconnect backoff (gRPC connection-backoff defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,7 +129,7 @@ class BackoffSettings(BaseModel):
         )
 
 
-class QueueSettings(BaseModel):
+class QueueSettings(_Group):
     """Per-subscriber outgoing queue."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -110,7 +145,7 @@ class QueueSettings(BaseModel):
     )
 
 
-class ReplaySettings(BaseModel):
+class ReplaySettings(_Group):
     """The in-memory history that resuming subscribers catch up from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -118,7 +153,7 @@ class ReplaySettings(BaseModel):
     size: int = Field(default=10_000, ge=0, le=10_000_000, description="events kept for resuming")
 
 
-class HeartbeatSettings(BaseModel):
+class HeartbeatSettings(_Group):
     """Heartbeats on idle streams (opt-in per subscription)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -137,7 +172,7 @@ class HeartbeatSettings(BaseModel):
     )  # fmt: skip
 
 
-class KeepaliveSettings(BaseModel):
+class KeepaliveSettings(_Group):
     """HTTP/2 keepalive pings, on the server and on clients."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -159,7 +194,7 @@ class KeepaliveSettings(BaseModel):
     )  # fmt: skip
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(_Group):
     """TLS and mutual TLS. The server uses TLS when `cert` and `key` are set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -191,7 +226,7 @@ class TlsSettings(BaseModel):
         return self
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Group):
     """Bearer-token authentication (on when `tokens` is not empty)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -214,7 +249,7 @@ class AuthSettings(BaseModel):
     )
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(_Group):
     """Bounds on what clients may ask of the server."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -259,7 +294,7 @@ class LimitSettings(BaseModel):
     )
 
 
-class PublishSettings(BaseModel):
+class PublishSettings(_Group):
     """Publishing from other processes (the Publish RPC, `Publisher`, `longlived publish`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -285,7 +320,7 @@ class PublishSettings(BaseModel):
     )
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Group):
     """The shared event log on Redis Streams (several replicas; off unless `url` is set)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -328,7 +363,7 @@ class RedisSettings(BaseModel):
         return self
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(_Group):
     """Prometheus metrics endpoint (off unless `port` is set)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -349,7 +384,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        env_file=".env",
+        env_file=ENV_FILE,
         extra="ignore",
         validate_default=True,
         frozen=True,
@@ -429,6 +464,11 @@ class Settings(BaseSettings):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unset(cls, data: object) -> object:
+        return _none_words(cls, data)
+
     @property
     def host(self) -> str:
         """The host part of ``address``."""
@@ -440,16 +480,75 @@ class Settings(BaseSettings):
         return parse_address(self.address)[1]
 
 
+def _names(loc: Sequence[str]) -> tuple[str, str]:
+    """The env var and the flag of the setting at ``loc`` (``["backoff", "max"]``)."""
+    return ENV_PREFIX + "__".join(loc).upper(), "--" + ".".join(p.replace("_", "-") for p in loc)
+
+
 def format_validation_error(error: ValidationError) -> str:
     """One line per invalid value: env var, flag, value, and what is allowed."""
     lines = []
     for item in error.errors(include_url=False):
-        loc = [str(part) for part in item["loc"] if not isinstance(part, int)]
-        env = ENV_PREFIX + "__".join(loc).upper()
-        flag = "--" + ".".join(part.replace("_", "-") for part in loc)
+        env, flag = _names([str(part) for part in item["loc"] if not isinstance(part, int)])
         message = str(item["msg"]).removeprefix("Value error, ")
         lines.append(f"invalid {env} (flag {flag}) = {item['input']!r}: {message}")
     return "\n".join(lines)
+
+
+def _expected_json(loc: Sequence[str]) -> str | None:
+    """What JSON the setting at ``loc`` takes, or None if it is not read as JSON."""
+    model: type[BaseModel] = Settings
+    for depth, name in enumerate(loc):
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        kind = get_origin(field.annotation) or field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            if depth == len(loc) - 1:
+                return f"an object of {kind.__name__} fields"
+            model = kind
+        elif kind is dict:
+            return 'an object such as {"name": "value"}'
+        elif kind is list:
+            return 'a list such as ["a", "b"]'
+    return None
+
+
+def format_settings_error(error: SettingsError, environ: Mapping[str, str] | None = None) -> str:
+    """A value that is not the JSON its setting needs (a list, an object), as one line naming
+    the env var (or flag), the value and the expected format."""
+    text = str(error)
+    if flag := re.fullmatch(r"Parsing error encountered for ([\w.]+): (.*)", text, re.DOTALL):
+        loc = flag.group(1).split(".")
+        wanted = _expected_json(loc) or "a valid value"
+        return f"invalid flag {_names(loc)[1]}: {flag.group(2)}; expected JSON, {wanted}"
+    source = re.fullmatch(r'error parsing value for field "(\w+)" from source "(\w+)"', text)
+    if source is None:
+        return text
+    values: Mapping[str, str | None]
+    if source.group(2) == "DotEnvSettingsSource":
+        values = dotenv_values(ENV_FILE)
+    else:
+        values = os.environ if environ is None else environ
+    return _bad_json(values, source.group(1)) or text
+
+
+def _bad_json(values: Mapping[str, str | None], field: str) -> str | None:
+    """The complaint about the first of ``values`` (env vars) that sets ``field`` or one of
+    its settings and is not JSON although its setting needs JSON."""
+    for name, value in values.items():
+        if value is None or not name.upper().startswith(ENV_PREFIX):
+            continue
+        loc = name[len(ENV_PREFIX) :].lower().split("__")
+        expected = _expected_json(loc)
+        if loc[0] != field or expected is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            env, flag = _names(loc)
+            return f"invalid {env} (flag {flag}) = {value!r}: expected JSON, {expected} ({exc})"
+    return None
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -458,3 +557,5 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]  # keys checked by pydantic
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(format_settings_error(exc)) from None

@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 
@@ -163,6 +164,24 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+@pytest.mark.parametrize("listener", ["gRPC", "metrics"])
+def test_a_port_in_use_is_named_in_one_line(listener: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        where = ["--address", f"127.0.0.1:{port}"]
+        if listener == "metrics":
+            where = ["--address", "127.0.0.1:0", "--metrics.port", str(port)]
+        result = subprocess.run(
+            [sys.executable, "-m", "longlived", "serve", *where],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"longlived: cannot listen on 127.0.0.1:{port} ({listener}): address already in use"
+    )
 
 
 # ----------------------------------------------------------------------- logs

@@ -107,3 +107,61 @@ def test_cli_flag_error_is_clear() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "LONGLIVED_COUNT (flag --count) = '0'" in result.stderr
+
+
+@pytest.mark.parametrize("word", ["null", "None", "NULL", " none "])
+def test_null_or_none_unsets_optional_settings_from_env(
+    monkeypatch: pytest.MonkeyPatch, word: str
+) -> None:
+    monkeypatch.setenv("LONGLIVED_KEEPALIVE__TIME", word)
+    monkeypatch.setenv("LONGLIVED_MAX_CONNECTION_AGE", word)
+    monkeypatch.setenv("LONGLIVED_METRICS__PORT", word)
+    settings = load_settings()
+    assert settings.keepalive.time is None
+    assert settings.max_connection_age is None
+    assert settings.metrics.port is None
+
+
+def test_null_or_none_unsets_optional_settings_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGLIVED_MAX_CONNECTION_AGE", "60")
+    settings = _from_cli(["serve", "--keepalive.time", "None", "--max-connection-age", "null"])
+    assert (settings.keepalive.time, settings.max_connection_age) == (None, None)
+
+
+def test_null_is_no_number_for_a_setting_that_needs_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGLIVED_INTERVAL", "null")
+    with pytest.raises(ConfigError, match="LONGLIVED_INTERVAL"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected"),
+    [
+        ("LONGLIVED_AUTH__TOKENS", "{s3cret: alice}", 'an object such as {"name": "value"}'),
+        ("LONGLIVED_TOPICS", "news,sports", 'a list such as ["a", "b"]'),
+    ],
+)
+def test_bad_json_in_an_env_var_names_it_and_the_format(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"invalid {env} (flag ")
+    assert f"= {value!r}: expected JSON, {expected} (Expecting" in str(info.value)
+
+
+def test_cli_reports_bad_json_in_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "longlived", "serve"],
+        env={"LONGLIVED_AUTH__TOKENS": "{bad", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "longlived: invalid LONGLIVED_AUTH__TOKENS (flag --auth.tokens) = '{bad': expected JSON"
+    )
