@@ -24,6 +24,7 @@ from typing import TextIO, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
+from longlived._aio import wait_first
 from longlived._wire import MAX_ID
 from longlived.client import ResilientClient
 from longlived.errors import ListenError, LonglivedError, PublishRefused, ResumeExpired
@@ -146,14 +147,20 @@ def _configure_logging(level: str, fmt: str = "plain") -> None:
 
 async def run_clients(
     settings: Settings, stop: asyncio.Event, *, serve_client_metrics: bool = False
-) -> None:
+) -> int:
     """Start ``settings.count`` clients with ids 1..count, ``stagger`` seconds apart.
 
-    Each logs ``Client ID <n> got response: "<data>"`` for every message, until ``stop``.
-    With ``serve_client_metrics`` and ``settings.metrics.port``, their summed counters are
-    served on ``/metrics``.
+    Each logs ``Client ID <n> got response: "<data>"`` for every message, until ``stop``,
+    or until every client has stopped on an error it does not retry (a refusal, retries
+    exhausted): then nobody is left to wait for. With ``serve_client_metrics`` and
+    ``settings.metrics.port``, their summed counters are served on ``/metrics``.
+
+    Returns:
+        1 if every client stopped on an error, else 0 (the exit code).
     """
     clients: list[ResilientClient] = []
+    stopped: list[int] = []
+    all_stopped = asyncio.Event()
 
     async def one(id: int) -> None:
         try:
@@ -170,6 +177,10 @@ async def run_clients(
                         log.warning("Client ID %d: events lost (%s); continuing", id, exc.reason)
         except LonglivedError as exc:
             log.error("Client ID %d stopped: %s", id, exc)
+            stopped.append(id)
+            if len(stopped) == settings.count:
+                log.error("Every client stopped: exiting")
+                all_stopped.set()
 
     metrics = None
     if serve_client_metrics and settings.metrics.port is not None:
@@ -186,16 +197,17 @@ async def run_clients(
                 tasks.append(tg.create_task(one(id), name=f"client-{id}"))
                 if id < settings.count and await _wait(stop, settings.stagger):
                     break
-            await stop.wait()
+            await wait_first(stop, all_stopped)
             for task in tasks:
                 task.cancel()
     finally:
         if metrics is not None:
             await asyncio.to_thread(metrics.close)
+    return 1 if all_stopped.is_set() else 0
 
 
-async def _clients(settings: Settings, stop: asyncio.Event) -> None:
-    await run_clients(settings, stop, serve_client_metrics=True)
+async def _clients(settings: Settings, stop: asyncio.Event) -> int:
+    return await run_clients(settings, stop, serve_client_metrics=True)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -211,10 +223,10 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
 
 
-async def _demo(settings: Settings, stop: asyncio.Event) -> None:
+async def _demo(settings: Settings, stop: asyncio.Event) -> int:
     async with SubscriptionManager(settings) as manager:
         # with port 0 the server picked a free port: point the clients at it
-        await run_clients(settings.model_copy(update={"address": manager.address}), stop)
+        return await run_clients(settings.model_copy(update={"address": manager.address}), stop)
 
 
 class _Lines:
@@ -332,10 +344,16 @@ class _Publish:
         return 0
 
 
-def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings) -> None:
-    """Run ``command`` until SIGINT/SIGTERM or ``settings.duration``; a second signal aborts."""
+Command = Callable[[Settings, asyncio.Event], Awaitable[int | None]]
+"""A command: runs until the event is set (or it is done); its exit code, if it has one."""
 
-    async def runner() -> None:
+
+def _run(command: Command, settings: Settings) -> int | None:
+    """Run ``command`` until SIGINT/SIGTERM or ``settings.duration``; a second signal aborts.
+
+    Returns what ``command`` returned (None if a second signal cut it short)."""
+
+    async def runner() -> int | None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         main_task = asyncio.current_task()
@@ -353,10 +371,11 @@ def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings
             loop.add_signal_handler(signum, on_signal, signum)
         if settings.duration is not None:
             loop.call_later(settings.duration, stop.set)
-        await command(settings, stop)
+        return await command(settings, stop)
 
     with contextlib.suppress(asyncio.CancelledError):
-        asyncio.run(runner())
+        return asyncio.run(runner())
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,15 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     publish = _Publish(
         event["event_text"], event["event_topic"] or "", event["event_to"], event["event_key"]
     )
-    commands: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {
+    commands: dict[str, Command] = {
         "serve": _serve, "clients": _clients, "demo": _demo, "publish": publish,
     }  # fmt: skip
     try:
-        _run(commands[namespace.command], settings)
+        code = _run(commands[namespace.command], settings)
     except ListenError as exc:
         print(f"longlived: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    return publish.outcome() if namespace.command == "publish" else 0
+    return publish.outcome() if namespace.command == "publish" else code or 0

@@ -29,6 +29,7 @@ from longlived.cli import JsonFormatter
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
+STOPPED = re.compile(r"Client ID (\d+) stopped: gave up after 1 failed attempts")
 GOT = re.compile(r'Client ID (\d+) got response: "data mock for: (\d+)"')
 
 
@@ -164,6 +165,22 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+async def test_clients_exit_non_zero_once_every_client_has_stopped(
+    processes: list[Process],
+) -> None:
+    clients = await Process.start(
+        "clients", "--address", f"127.0.0.1:{free_port()}", "--count", "2", "--stagger", "0",
+        "--backoff.max-attempts", "1",
+    )  # fmt: skip
+    processes.append(clients)
+    async with asyncio.timeout(TIMEOUT):
+        assert await clients.proc.wait() == 1
+        await clients._reader
+    stopped = {int(m.group(1)) for line in clients.lines if (m := STOPPED.search(line))}
+    assert stopped == {1, 2}
+    assert "Traceback" not in "\n".join(clients.lines)
 
 
 @pytest.mark.parametrize("listener", ["gRPC", "metrics"])
