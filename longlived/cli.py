@@ -1,7 +1,8 @@
 """The ``longlived`` command: ``serve``, ``clients``, ``demo`` and ``publish``.
 
-Every command takes every setting as a flag (``--interval 0.5``, ``--backoff.max 30``);
-flags override ``LONGLIVED_*`` env vars, which override ``.env``. This is the only module
+Every command takes every setting as a flag (``--interval 0.5``, ``--backoff.max 30``), and
+its ``--help`` lists those it reads; flags override ``LONGLIVED_*`` env vars, which override
+``.env``. This is the only module
 that configures logging.
 """
 
@@ -47,6 +48,29 @@ _COMMANDS = {
     "position (token) of each; exits non-zero if a publish is refused or retries run out",
 }
 
+_SUBSCRIBING = {"count", "stagger", "package", "connect_timeout", "topics", "heartbeat.interval",
+                "heartbeat.misses"}  # fmt: skip
+"""Settings only the clients that subscribe read."""
+_SERVING = {"interval", "source", "max_streams_per_connection", "drain_timeout", "health",
+            "max_connection_age", "reflection", "queue", "replay", "heartbeat.min_interval",
+            "auth.tokens", "auth.publishers", "auth.public_methods", "publish.dedup_max_keys",
+            "limits.max_subscribers", "limits.max_message_size", "limits.admission_timeout",
+            "limits.max_pending_streams", "limits.max_metadata_size", "limits.resets_per_second",
+            "limits.reset_burst", "redis.claim_ttl"}  # fmt: skip
+"""Settings only the server reads."""
+_CALLING = {"auth.token", "tls.enabled", "tls.server_name"}
+"""Settings only the side that calls the server reads (clients and publishers)."""
+_PUBLISHING = {"publish.timeout", "publish.via"}
+"""Settings only the publisher reads."""
+_HIDDEN = {
+    "serve": _SUBSCRIBING | _CALLING | _PUBLISHING,
+    "clients": _SERVING | {"publish", "redis", "limits"} | _PUBLISHING,
+    "demo": _PUBLISHING,
+    "publish": _SERVING | _SUBSCRIBING | {"heartbeat", "metrics"},
+}
+"""Per command, the settings (or whole groups) its ``--help`` leaves out: it never reads
+them (they are still accepted, as their env vars are)."""
+
 _EVENT_ARGS = ("event_text", "event_topic", "event_to", "event_key")
 """Namespace entries of ``publish``'s own arguments (no setting has these names)."""
 
@@ -70,6 +94,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Sett
             cli_show_env_vars=True,
             cli_exit_on_error=False,
         )
+        for action in sub._actions:
+            if action.dest in _HIDDEN[name] or action.dest.split(".")[0] in _HIDDEN[name]:
+                action.help = argparse.SUPPRESS
     return parser, sources
 
 

@@ -25,7 +25,7 @@ from longlived import (
     SubscriptionManager,
 )
 from longlived._logfields import fields
-from longlived.cli import JsonFormatter
+from longlived.cli import JsonFormatter, _parser, main
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
@@ -165,6 +165,40 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+def help_flags(command: str, capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """The flags ``longlived COMMAND --help`` lists."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return set(re.findall(r"^  (--[a-z.-]+)", capsys.readouterr().out, re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    ("command", "listed", "left_out"),
+    [
+        ("serve", {"--interval", "--queue.size", "--auth.tokens", "--tls.cert"},
+         {"--count", "--topics", "--auth.token", "--heartbeat.interval", "--publish.via"}),
+        ("clients", {"--count", "--topics", "--auth.token", "--backoff.max", "--tls.cert"},
+         {"--interval", "--queue.size", "--auth.tokens", "--limits.reset-burst", "--redis.url"}),
+        ("demo", {"--interval", "--queue.size", "--count", "--topics"}, {"--publish.via"}),
+        ("publish", {"--publish.via", "--auth.token", "--limits.max-event-size", "--redis.url"},
+         {"--interval", "--count", "--queue.size", "--auth.tokens", "--metrics.port"}),
+    ],
+)  # fmt: skip
+def test_each_command_lists_the_settings_it_reads(
+    capsys: pytest.CaptureFixture[str], command: str, listed: set[str], left_out: set[str]
+) -> None:
+    flags = help_flags(command, capsys)
+    assert listed <= flags
+    assert not left_out & flags
+
+
+def test_a_setting_left_out_of_help_is_still_accepted() -> None:
+    parser, sources = _parser()
+    namespace = parser.parse_args(["serve", "--count", "3"])
+    assert Settings(_cli_settings_source=sources["serve"](parsed_args=namespace)).count == 3
 
 
 async def test_clients_exit_non_zero_once_every_client_has_stopped(
