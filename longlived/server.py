@@ -60,6 +60,12 @@ __all__ = ["PACKAGES", "SubscriptionManager"]
 
 log = logging.getLogger(__name__)
 
+_SENT_HELP = (
+    "Messages written to subscribers: each event once per subscriber it reaches, events "
+    "replayed to resuming subscribers, heartbeats and control messages such as RESET."
+)
+"""Why ``messages_sent`` passes ``events_published`` times the subscribers."""
+
 _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
 
@@ -230,7 +236,7 @@ class SubscriptionManager:
         return [
             Sample("longlived_subscribers", "gauge", "Open subscriptions.", len(self.hub)),
             Sample("longlived_events_published", "counter", "Events emitted.", hub.events),
-            Sample("longlived_messages_sent", "counter", "Messages written.", self.messages_sent),
+            Sample("longlived_messages_sent", "counter", _SENT_HELP, self.messages_sent),
             Sample(
                 "longlived_slow_subscriber_disconnects",
                 "counter",

@@ -174,10 +174,11 @@ async def probe(address: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """One ``/metrics`` page: sample values by name (with labels) and family types."""
+    """One ``/metrics`` page: sample values by name (with labels), family types and help."""
 
     values: dict[str, float]
     types: dict[str, str]
+    helps: dict[str, str]
 
 
 # An http(s)_proxy in the environment must not route loopback scrapes elsewhere.
@@ -195,13 +196,14 @@ async def scrape(port: int | None) -> Scrape:
     assert port is not None, "the metrics endpoint is off"
     async with asyncio.timeout(TIMEOUT):
         text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
-    values, types = {}, {}
+    values, types, helps = {}, {}, {}
     for family in text_string_to_metric_families(text):
         types[family.name] = family.type
+        helps[family.name] = family.documentation
         for sample in family.samples:
             labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return Scrape(values, types)
+    return Scrape(values, types, helps)
 
 
 V = TypeVar("V")
@@ -391,6 +393,11 @@ async def test_metrics_count_resumes_and_resets(metered: Settings, listener: soc
                 "longlived_resumes_total": 1,
                 "longlived_resets_total": 1,
             }
+            # 3 events: 3 live messages, 2 replayed, 1 RESET; the help text says so
+            assert page.values["longlived_events_published_total"] == 3
+            assert page.values["longlived_messages_sent_total"] == 6
+            for counted in ("replayed", "heartbeats", "RESET"):
+                assert counted in page.helps["longlived_messages_sent"]
     finally:
         channel.close()
 
