@@ -336,14 +336,11 @@ class SubscriptionManager:
         from longlived._services import health_service, with_reflection
 
         services: list[Servable] = [self]
+        aliases = tuple(f"{p}.Longlived" for p in PACKAGES[1:])
         if self.settings.health:
-            services.append(
-                health_service(
-                    self, self.health, aliases=tuple(f"{p}.Longlived" for p in PACKAGES[1:])
-                )
-            )
+            services.append(health_service(self, self.health, aliases=aliases))
         if self.settings.reflection:
-            services = with_reflection(services)
+            services = with_reflection(services, aliases=aliases)
         # reflection describes the Longlived service itself, so it is built first
         return [self, *guarded(services[1:], self, public=self.settings.auth.public_methods)]
 

@@ -104,6 +104,7 @@ def reflection(info, messages):
     return {
         "services": reflect(info, messages, list_services=""),
         "longlived": reflect(info, messages, file_containing_symbol="longlived.Longlived"),
+        "protos": reflect(info, messages, file_containing_symbol="protos.Longlived"),
         "health": reflect(info, messages, file_containing_symbol="grpc.health.v1.Health"),
         "unknown": reflect(info, messages, file_containing_symbol="no.such.Service"),
     }
@@ -253,6 +254,18 @@ LONGLIVED_FILE = {
 }
 
 
+PROTOS_FILE = {
+    "package": "protos",
+    "messages": [],
+    "services": {
+        "Longlived": [
+            ["Subscribe", ".longlived.Request", ".longlived.Response", True],
+            ["Unsubscribe", ".longlived.Request", ".longlived.Response", False],
+        ]
+    },
+}
+
+
 async def test_grpcio_health_and_reflection_clients_see_the_service(
     settings: Settings, listener: socket.socket
 ) -> None:
@@ -266,8 +279,12 @@ async def test_grpcio_health_and_reflection_clients_see_the_service(
     }
     for version in ("v1alpha", "v1"):
         reflection = seen[version]
-        assert {"longlived.Longlived", "grpc.health.v1.Health"} <= set(reflection["services"])
+        assert {"longlived.Longlived", "protos.Longlived", "grpc.health.v1.Health"} <= set(
+            reflection["services"]
+        )
         assert reflection["longlived"] == [LONGLIVED_FILE], version
+        # the original proto's name, which the server answers too (no Publish there)
+        assert reflection["protos"] == [PROTOS_FILE], version
         # grpcurl can describe the health service too
         [health] = reflection["health"]
         assert health["package"] == "grpc.health.v1"
@@ -285,7 +302,7 @@ async def test_health_or_reflection_switched_off_is_unimplemented(
         assert set(seen["health"].values()) == {"UNIMPLEMENTED"}
         for version in ("v1alpha", "v1"):
             # reflection lists only what is served
-            assert seen[version]["services"] == ["longlived.Longlived"]
+            assert seen[version]["services"] == ["longlived.Longlived", "protos.Longlived"]
     else:
         assert seen["health"][""] == "SERVING"
         for version in ("v1alpha", "v1"):
