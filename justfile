@@ -5,7 +5,8 @@ export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 default:
     @just --list
 
-# Regenerate longlived/_proto from proto/, and the examples' messages (betterproto2).
+# Regenerate longlived/_proto and its packaged copy longlived/proto/ from proto/, and the
+# examples' messages (betterproto2).
 codegen:
     python codegen/generate.py
     python -m longlived.codegen --out examples/inventory/_proto examples/inventory/inventory.proto

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import betterproto2
 
+from longlived._logfields import fields
 from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
 from longlived._status import CallError, Code
 from longlived._wire import HEARTBEAT_HEADER, check_publish, check_request
@@ -208,6 +209,11 @@ class _Call:
         self.host = host
         self.transport = transport
 
+    def _fields(self, sub: Subscriber, status: Code | None = None) -> dict[str, object]:
+        """The log fields of a line about ``sub``'s stream."""
+        name = status.name if status is not None else None
+        return fields(subscriber=sub.id, peer=self.transport.peer, status=name)
+
     async def _refuse(self, exc: CallError) -> None:
         """Count, log and answer a refusal."""
         self.host.refused(exc.code, exc.message, self.transport.peer)
@@ -230,7 +236,8 @@ class SubscribeCall(_Call):
             await self._refuse(exc)
             return
         transport.admitted()
-        log.info("Received subscribe request from ID: %d", request.id)
+        log.info("Received subscribe request from ID: %d", request.id, extra=fields(
+            subscriber=request.id, peer=transport.peer, token=request.resume_token))  # fmt: skip
         sub = host.hub.register(
             request.id,
             topics=request.topics,
@@ -245,10 +252,11 @@ class SubscribeCall(_Call):
             await self._stream(sub, request)
         except asyncio.CancelledError:
             if sub.end_reason is None:
-                log.info("Client ID %d disconnected", sub.id)
+                log.info("Client ID %d disconnected", sub.id, extra=self._fields(sub))
             raise
         except Exception as exc:  # logged here, answered here: not raised to be logged again
-            log.warning("Failed to send data to client %d: %r", sub.id, exc)
+            log.warning("Failed to send data to client %d: %r", sub.id, exc,
+                        extra=self._fields(sub, Code.UNKNOWN))  # fmt: skip
             await self._abandon(sub, Code.UNKNOWN, "internal error")
         finally:
             host.hub.release(sub)
@@ -283,7 +291,8 @@ class SubscribeCall(_Call):
         try:
             await self.host.hub.fill(sub)
         except Exception as exc:  # the log's own errors: a connection lost, a timeout
-            log.warning("Client ID %d cannot resume now: the event log failed: %r", sub.id, exc)
+            log.warning("Client ID %d cannot resume now: the event log failed: %r", sub.id, exc,
+                        extra=self._fields(sub, Code.UNAVAILABLE))  # fmt: skip
             await self._abandon(sub, Code.UNAVAILABLE, "the event log is unavailable; retry")
             return False
         return True
@@ -333,7 +342,8 @@ class SubscribeCall(_Call):
                 age.cancel()
         reason = sub.end_reason
         assert reason is not None  # only an end (or its flush deadline) aborts
-        log.info("Stream of client ID %d ended: %s", sub.id, reason.value)
+        log.info("Stream of client ID %d ended: %s", sub.id, reason.value,
+                 extra=self._fields(sub, END_STATUS[reason]))  # fmt: skip
         await transport.finish(END_STATUS[reason], reason.value, timeout=settings.drain_timeout)
 
     def _max_age_timer(self, sub: Subscriber) -> asyncio.TimerHandle | None:
@@ -370,7 +380,7 @@ class UnsubscribeCall(_Call):
         transport.admitted()
         # what is queued is still delivered, but not to a peer that stopped reading
         host.hub.end_subscriber(sub, EndReason.UNSUBSCRIBED, flush_timeout=timeout)
-        log.info("Unsubscribed client: %d", request.id)
+        log.info("Unsubscribed client: %d", request.id, extra=fields(subscriber=request.id))
         await transport.reply(bytes(Response()), timeout=timeout)
         await transport.finish(Code.OK, None, timeout=timeout)
 

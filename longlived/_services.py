@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import betterproto2
+from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpclib.health.check import ServiceStatus
@@ -23,7 +24,8 @@ __all__ = ["health_service", "with_reflection"]
 
 
 class _Named:
-    """Stands for a service name in grpclib's health checks (the original proto's)."""
+    """Stands for a service name in grpclib's health checks and reflection's list (the
+    original proto's)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -70,9 +72,46 @@ def _pool(types: Iterable[type[betterproto2.Message]]) -> DescriptorPool:
     return pool
 
 
+def _describe_alias(pool: DescriptorPool, service: Servable, alias: str) -> None:
+    """Add to ``pool`` the service ``alias`` (``protos.Longlived``) with the methods
+    ``service`` answers under that name, on the messages of ``service``'s own file."""
+    package, _, name = alias.rpartition(".")
+    file_name = f"{alias}.proto"
+    try:
+        pool.FindFileByName(file_name)
+        return
+    except KeyError:
+        pass
+    paths = [path for path in service.__mapping__() if path.startswith(f"/{alias}/")]
+    own = pool.FindServiceByName(next(iter(service.__mapping__())).split("/")[1])
+    file = descriptor_pb2.FileDescriptorProto(
+        name=file_name, package=package, dependency=[own.file.name], syntax="proto3"
+    )
+    described = file.service.add(name=name)
+    for path in paths:
+        method = own.methods_by_name[path.rpartition("/")[2]]
+        described.method.add(
+            name=method.name,
+            input_type=f".{method.input_type.full_name}",
+            output_type=f".{method.output_type.full_name}",
+            server_streaming=method.server_streaming,
+        )
+    pool.AddSerializedFile(file.SerializeToString())
+
+
 def with_reflection(
-    services: list[Servable], types: Iterable[type[betterproto2.Message]] = ()
+    services: list[Servable],
+    types: Iterable[type[betterproto2.Message]] = (),
+    *,
+    aliases: tuple[str, ...] = (),
 ) -> list[Servable]:
-    """``services`` plus server reflection (v1 and v1alpha) describing all of them and the
-    app's payload ``types`` (so tools can decode payloads by their type URL)."""
-    return ServerReflection.extend(services, pool=_pool(types))
+    """``services`` plus server reflection (v1 and v1alpha) describing all of them, the
+    ``aliases`` of the first (other names it answers under) and the app's payload ``types``
+    (so tools can decode payloads by their type URL)."""
+    pool = _pool(types)
+    for alias in aliases:
+        _describe_alias(pool, services[0], alias)
+    # grpclib lists each servable's first path's service: a _Named lists an alias
+    listed: list[Any] = [*services, *(_Named(alias) for alias in aliases)]
+    reflection = ServerReflection.extend(listed, pool=pool)[len(listed) :]
+    return [*services, *reflection]

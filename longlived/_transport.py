@@ -14,6 +14,8 @@ Everything grpclib 0.4 does not offer as public API lives here, and
   and hand the socket at most ``WRITE_CAP`` bytes per write, so a peer that stops reading
   holds at most about that much per connection in userspace buffers;
 - GOAWAY, drain and the registry of open connections;
+- TLS handshakes run by ``_TlsProtocol`` (asyncio's own TLS protocol), which logs the
+  ones that fail: asyncio reports them only in debug mode;
 - ``ResilientChannel``: grpclib's client ``Channel``, never reusing a closing connection
   and stopping a connect that ``close()`` overtakes; ``final_metadata``: the trailers of a
   call the server ended while its request was still being sent.
@@ -22,9 +24,11 @@ Everything grpclib 0.4 does not offer as public API lives here, and
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -50,6 +54,7 @@ from h2.settings import SettingCodes
 
 from longlived._aio import wait_first
 from longlived._call import CallHost, PublishCall, SubscribeCall, UnsubscribeCall
+from longlived._logfields import fields
 from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
 from longlived._status import CallError, Code
 from longlived._wire import NO_RETRY_HEADER, PACKAGES, decode_request, too_large
@@ -346,7 +351,8 @@ class _Handler(grpclib.server.Handler):
         if now - self._refusal_logged >= 1.0:  # one line a second per connection at most
             self._refusal_logged = now
             log.warning("Refused a stream from %s: %s (%d refused on this connection)",
-                        self.peer, message, self._refusals)  # fmt: skip
+                        self.peer, message, self._refusals,
+                        extra=fields(peer=self.peer, status=status.name))  # fmt: skip
         assert stream.id is not None
         h2_conn = self.connection._connection
         h2_stream = h2_conn.streams.get(stream.id)
@@ -785,6 +791,22 @@ def guarded(
 # ------------------------------------------------------------------------ server
 
 
+class _TlsProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's server-side TLS, plus a WARNING naming the peer and the reason when a
+    handshake fails (a client without the certificate mutual TLS asks for, plain HTTP/2 on
+    a TLS port): asyncio itself logs those only in debug mode."""
+
+    _transport: asyncio.Transport | None
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            transport = self._transport
+            peer = _peer_name(transport.get_extra_info("peername") if transport else None)
+            log.warning("TLS handshake with %s failed: %s", peer, handshake_exc,
+                        extra=fields(peer=peer))  # fmt: skip
+        super()._on_handshake_complete(handshake_exc)
+
+
 class GrpcServer(grpclib.server.Server):
     """A grpclib ``Server`` with connection limits that can drain and close its connections."""
 
@@ -801,8 +823,22 @@ class GrpcServer(grpclib.server.Server):
         self._protocols: set[_Protocol] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._tls: ssl.SSLContext | None = None
 
-    def _protocol_factory(self) -> H2Protocol:
+    async def start(self, *args: Any, ssl: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+        """grpclib's ``start``; with ``ssl``, each connection's handshake goes through
+        ``_TlsProtocol`` (the listener itself is plain TCP)."""
+        self._tls = ssl
+        await super().start(*args, **kwargs)
+
+    def _protocol_factory(self) -> Any:  # an H2Protocol, or a _TlsProtocol around one
+        if self._tls is None:
+            return self._h2_protocol()
+        waiter: Any = None  # asyncio takes None (typeshed says a Future): nobody waits
+        loop = asyncio.get_running_loop()
+        return _TlsProtocol(loop, self._h2_protocol(), self._tls, waiter, server_side=True)
+
+    def _h2_protocol(self) -> _Protocol:
         # grpclib's own factory, with our handler and protocol classes
         self.__gc_step__()
         handler = _Handler(

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import betterproto2
 from google.protobuf import message_factory
 
+from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishRequest, Request, Response, ResponseKind
 from longlived._status import CallError, Code
 from longlived.events import Kind, Position
@@ -175,6 +176,9 @@ def check_publish(request: PublishRequest) -> None:
     """Raise INVALID_ARGUMENT, naming the problem, for an event nobody may publish."""
     if not isinstance(request.key, str) or not isinstance(request.delete, bool):
         raise CallError(Code.INVALID_ARGUMENT, "malformed PublishRequest message: key")
+    if request.payload is not None and not isinstance(request.payload, ProtoAny):
+        # a field 5 of another wire type decodes to whatever it holds (found by hypothesis)
+        raise CallError(Code.INVALID_ARGUMENT, "malformed PublishRequest message: payload")
     for name in ("data", "topic", "idempotency_key"):
         if not isinstance(getattr(request, name), str):
             raise CallError(Code.INVALID_ARGUMENT, f"malformed PublishRequest message: {name}")

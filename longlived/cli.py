@@ -1,7 +1,8 @@
 """The ``longlived`` command: ``serve``, ``clients``, ``demo`` and ``publish``.
 
-Every command takes every setting as a flag (``--interval 0.5``, ``--backoff.max 30``);
-flags override ``LONGLIVED_*`` env vars, which override ``.env``. This is the only module
+Every command takes every setting as a flag (``--interval 0.5``, ``--backoff.max 30``), and
+its ``--help`` lists those it reads; flags override ``LONGLIVED_*`` env vars, which override
+``.env``. This is the only module
 that configures logging.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import queue
@@ -23,13 +25,14 @@ from typing import TextIO, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
+from longlived._aio import wait_first
 from longlived._wire import MAX_ID
 from longlived.client import ResilientClient
-from longlived.errors import LonglivedError, PublishRefused, ResumeExpired
+from longlived.errors import ListenError, LonglivedError, PublishRefused, ResumeExpired
 from longlived.metrics import client_samples, on_loop, serve_metrics
 from longlived.publisher import Publisher
 from longlived.server import SubscriptionManager
-from longlived.settings import Settings, format_validation_error
+from longlived.settings import Settings, format_settings_error, format_validation_error
 
 __all__ = ["main", "run_clients"]
 
@@ -44,6 +47,29 @@ _COMMANDS = {
     "publish": "publish TEXT as one event, or each line of stdin as one, and print the "
     "position (token) of each; exits non-zero if a publish is refused or retries run out",
 }
+
+_SUBSCRIBING = {"count", "stagger", "package", "connect_timeout", "topics", "heartbeat.interval",
+                "heartbeat.misses"}  # fmt: skip
+"""Settings only the clients that subscribe read."""
+_SERVING = {"interval", "source", "max_streams_per_connection", "drain_timeout", "health", "state",
+            "max_connection_age", "reflection", "queue", "replay", "heartbeat.min_interval",
+            "auth.tokens", "auth.publishers", "auth.public_methods", "publish.dedup_max_keys",
+            "limits.max_subscribers", "limits.max_message_size", "limits.admission_timeout",
+            "limits.max_pending_streams", "limits.max_metadata_size", "limits.resets_per_second",
+            "limits.reset_burst", "redis.claim_ttl"}  # fmt: skip
+"""Settings only the server reads."""
+_CALLING = {"auth.token", "tls.enabled", "tls.server_name"}
+"""Settings only the side that calls the server reads (clients and publishers)."""
+_PUBLISHING = {"publish.timeout", "publish.via"}
+"""Settings only the publisher reads."""
+_HIDDEN = {
+    "serve": _SUBSCRIBING | _CALLING | _PUBLISHING,
+    "clients": _SERVING | {"publish", "redis", "limits"} | _PUBLISHING,
+    "demo": _PUBLISHING,
+    "publish": _SERVING | _SUBSCRIBING | {"heartbeat", "metrics"},
+}
+"""Per command, the settings (or whole groups) its ``--help`` leaves out: it never reads
+them (they are still accepted, as their env vars are)."""
 
 _EVENT_ARGS = ("event_text", "event_topic", "event_to", "event_key")
 """Namespace entries of ``publish``'s own arguments (no setting has these names)."""
@@ -68,6 +94,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource[Sett
             cli_show_env_vars=True,
             cli_exit_on_error=False,
         )
+        for action in sub._actions:
+            if action.dest in _HIDDEN[name] or action.dest.split(".")[0] in _HIDDEN[name]:
+                action.help = argparse.SUPPRESS
     return parser, sources
 
 
@@ -103,19 +132,29 @@ def _subscriber_id(text: str) -> int:
     return int(text)
 
 
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+"""What every ``LogRecord`` has; the rest came in a call's ``extra=`` (``_logfields``)."""
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (and the exception)."""
+    """One JSON object per log line: time (UTC, milliseconds), level, logger, message, the
+    fields the call passed in ``extra=`` (subscriber, peer, status, token, delay), and the
+    exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        time = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry: dict[str, object] = {
+            "time": time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and name not in entry:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def _configure_logging(level: str, fmt: str = "plain") -> None:
@@ -135,14 +174,20 @@ def _configure_logging(level: str, fmt: str = "plain") -> None:
 
 async def run_clients(
     settings: Settings, stop: asyncio.Event, *, serve_client_metrics: bool = False
-) -> None:
+) -> int:
     """Start ``settings.count`` clients with ids 1..count, ``stagger`` seconds apart.
 
-    Each logs ``Client ID <n> got response: "<data>"`` for every message, until ``stop``.
-    With ``serve_client_metrics`` and ``settings.metrics.port``, their summed counters are
-    served on ``/metrics``.
+    Each logs ``Client ID <n> got response: "<data>"`` for every message, until ``stop``,
+    or until every client has stopped on an error it does not retry (a refusal, retries
+    exhausted): then nobody is left to wait for. With ``serve_client_metrics`` and
+    ``settings.metrics.port``, their summed counters are served on ``/metrics``.
+
+    Returns:
+        1 if every client stopped on an error, else 0 (the exit code).
     """
     clients: list[ResilientClient] = []
+    stopped: list[int] = []
+    all_stopped = asyncio.Event()
 
     async def one(id: int) -> None:
         try:
@@ -159,6 +204,10 @@ async def run_clients(
                         log.warning("Client ID %d: events lost (%s); continuing", id, exc.reason)
         except LonglivedError as exc:
             log.error("Client ID %d stopped: %s", id, exc)
+            stopped.append(id)
+            if len(stopped) == settings.count:
+                log.error("Every client stopped: exiting")
+                all_stopped.set()
 
     metrics = None
     if serve_client_metrics and settings.metrics.port is not None:
@@ -175,16 +224,17 @@ async def run_clients(
                 tasks.append(tg.create_task(one(id), name=f"client-{id}"))
                 if id < settings.count and await _wait(stop, settings.stagger):
                     break
-            await stop.wait()
+            await wait_first(stop, all_stopped)
             for task in tasks:
                 task.cancel()
     finally:
         if metrics is not None:
             await asyncio.to_thread(metrics.close)
+    return 1 if all_stopped.is_set() else 0
 
 
-async def _clients(settings: Settings, stop: asyncio.Event) -> None:
-    await run_clients(settings, stop, serve_client_metrics=True)
+async def _clients(settings: Settings, stop: asyncio.Event) -> int:
+    return await run_clients(settings, stop, serve_client_metrics=True)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -200,10 +250,10 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
 
 
-async def _demo(settings: Settings, stop: asyncio.Event) -> None:
+async def _demo(settings: Settings, stop: asyncio.Event) -> int:
     async with SubscriptionManager(settings) as manager:
         # with port 0 the server picked a free port: point the clients at it
-        await run_clients(settings.model_copy(update={"address": manager.address}), stop)
+        return await run_clients(settings.model_copy(update={"address": manager.address}), stop)
 
 
 class _Lines:
@@ -323,10 +373,16 @@ class _Publish:
         return 0
 
 
-def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings) -> None:
-    """Run ``command`` until SIGINT/SIGTERM or ``settings.duration``; a second signal aborts."""
+Command = Callable[[Settings, asyncio.Event], Awaitable[int | None]]
+"""A command: runs until the event is set (or it is done); its exit code, if it has one."""
 
-    async def runner() -> None:
+
+def _run(command: Command, settings: Settings) -> int | None:
+    """Run ``command`` until SIGINT/SIGTERM or ``settings.duration``; a second signal aborts.
+
+    Returns what ``command`` returned (None if a second signal cut it short)."""
+
+    async def runner() -> int | None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         main_task = asyncio.current_task()
@@ -344,10 +400,11 @@ def _run(command: Callable[[Settings, asyncio.Event], Awaitable[None]], settings
             loop.add_signal_handler(signum, on_signal, signum)
         if settings.duration is not None:
             loop.call_later(settings.duration, stop.set)
-        await command(settings, stop)
+        return await command(settings, stop)
 
     with contextlib.suppress(asyncio.CancelledError):
-        asyncio.run(runner())
+        return asyncio.run(runner())
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,18 +423,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"longlived: {line}", file=sys.stderr)
         return 2
     except SettingsError as exc:
-        print(f"longlived: {exc}", file=sys.stderr)
+        print(f"longlived: {format_settings_error(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level, settings.log_format)
     publish = _Publish(
         event["event_text"], event["event_topic"] or "", event["event_to"], event["event_key"]
     )
-    commands: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {
+    commands: dict[str, Command] = {
         "serve": _serve, "clients": _clients, "demo": _demo, "publish": publish,
     }  # fmt: skip
     try:
-        _run(commands[namespace.command], settings)
+        code = _run(commands[namespace.command], settings)
+    except ListenError as exc:
+        print(f"longlived: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    return publish.outcome() if namespace.command == "publish" else 0
+    return publish.outcome() if namespace.command == "publish" else code or 0

@@ -36,6 +36,7 @@ from longlived._connect import (
     open_channel,
     pause,
 )
+from longlived._logfields import fields
 from longlived._proto.longlived import Request, Response, ResponseKind
 from longlived._transport import ResilientChannel
 from longlived._wire import HEARTBEAT_HEADER, MAX_ID, NO_RETRY_HEADER, check_topics
@@ -233,7 +234,8 @@ class ResilientClient:
         if self._reset_streak > 1:
             # RESET after RESET with no event in between: do not hammer the server
             delay = self.backoff.compute(min(self._reset_streak - 2, 64), self._rng)
-            log.warning("Client ID %d: repeated RESET; resubscribing in %.2fs", self.id, delay)
+            log.warning("Client ID %d: repeated RESET; resubscribing in %.2fs", self.id, delay,
+                        extra=fields(subscriber=self.id, delay=delay))  # fmt: skip
             await self._pause(delay)
         attempt = 0
         while not self._closed:
@@ -243,7 +245,8 @@ class ResilientClient:
                     async for response in stream:
                         yield response
                 if not self._closed:
-                    log.info("Client ID %d: the server ended the subscription", self.id)
+                    log.info("Client ID %d: the server ended the subscription", self.id,
+                             extra=fields(subscriber=self.id, token=self._token))  # fmt: skip
                 return
             except GRPCError as exc:
                 if exc.status not in RETRYABLE_STATUSES:
@@ -264,7 +267,8 @@ class ResilientClient:
             if limit and attempt >= limit:
                 raise RetriesExhausted(attempt, error) from error
             delay = self.backoff.compute(attempt - 1, self._rng)
-            log.warning("Client ID %d: %s; resubscribing in %.2fs", self.id, describe(error), delay)
+            log.warning("Client ID %d: %s; resubscribing in %.2fs", self.id, describe(error), delay,
+                        extra=fields(subscriber=self.id, delay=delay))  # fmt: skip
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
@@ -299,7 +303,8 @@ class ResilientClient:
                     if self._accept(response):
                         yield response
             except TimeoutError:
-                log.warning("Client ID %d: no message for %.1fs: stream is dead", self.id, silence)
+                log.warning("Client ID %d: no message for %.1fs: stream is dead", self.id, silence,
+                            extra=fields(subscriber=self.id, token=self._token))  # fmt: skip
                 raise
             finally:
                 self._set_connected(False)
@@ -320,7 +325,8 @@ class ResilientClient:
             self.resets += 1
             self._reset_streak += 1
             self._move_to(response)
-            log.warning("Client ID %d: RESET from the server: %s", self.id, response.data)
+            log.warning("Client ID %d: RESET from the server: %s", self.id, response.data,
+                        extra=fields(subscriber=self.id, token=response.token))  # fmt: skip
             raise ResumeExpired(response.token, response.data)
         if response.kind in _STATE_KINDS:  # a snapshot replaces the state: never a duplicate
             self._move_to(response)
@@ -354,7 +360,8 @@ class ResilientClient:
     def _set_connected(self, up: bool) -> None:
         if up:
             self.connections += 1
-            log.info("Client ID %d subscribed to %s", self.id, self.settings.address)
+            log.info("Client ID %d subscribed to %s", self.id, self.settings.address,
+                     extra=fields(subscriber=self.id, peer=self.settings.address))  # fmt: skip
             self.disconnected.clear()
             self.connected.set()
         else:

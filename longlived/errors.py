@@ -4,6 +4,7 @@
 
     LonglivedError
     ├── ConfigError          invalid settings (names the variable and what is allowed)
+    ├── ListenError          a listener (gRPC or metrics) cannot start; also an OSError
     ├── SubscriptionClosed   the server ended the stream with a status that is not retried
     ├── PublishRefused       the server refused a publish with a status that is not retried
     ├── ResumeExpired        the server could not resume: events were lost, resync (RESET)
@@ -16,8 +17,11 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "ConfigError",
+    "ListenError",
     "LogUnavailable",
     "LonglivedError",
     "PublishRefused",
@@ -35,6 +39,25 @@ class LonglivedError(Exception):
 
 class ConfigError(LonglivedError, ValueError):
     """A setting has a value that is not allowed; the message names it."""
+
+
+class ListenError(LonglivedError, OSError):
+    """A listener could not start (its port is in use, say): ``SubscriptionManager.start``
+    raises it, naming the address and which listener; ``errno`` is the original's.
+
+    Attributes:
+        address: the ``host:port`` it could not listen on.
+        listener: which one: ``"gRPC"`` or ``"metrics"``.
+    """
+
+    def __init__(self, address: str, listener: str, cause: OSError) -> None:
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        super().__init__(cause.errno, f"cannot listen on {address} ({listener}): {reason}")
+        self.address = address
+        self.listener = listener
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class SubscriptionClosed(LonglivedError):

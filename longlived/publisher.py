@@ -39,6 +39,7 @@ from longlived._connect import (
     open_channel,
     pause,
 )
+from longlived._logfields import fields
 from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishReply, PublishRequest
 from longlived._status import CallError
@@ -228,7 +229,8 @@ class Publisher:
             attempt += 1
             delay = self._delay(attempt, error, deadline)
             self.retries += 1
-            log.warning("Publish %s: %s; retrying in %.2fs", key, describe(error), delay)
+            log.warning("Publish %s: %s; retrying in %.2fs", key, describe(error), delay,
+                        extra=fields(delay=delay))  # fmt: skip
             await pause(self._sleep, delay, self._stop)
 
     def _delay(self, failed: int, error: BaseException, deadline: float) -> float:

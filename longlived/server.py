@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
 
@@ -29,6 +30,7 @@ from grpclib.health.check import ServiceStatus
 from longlived._call import SubscribeCall
 from longlived._dedup import Deduplicator
 from longlived._local import LocalTransport
+from longlived._logfields import fields
 from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishRequest, Request, Response
 from longlived._status import Code
@@ -41,7 +43,7 @@ from longlived._transport import (
 )
 from longlived._wire import PACKAGES, check_keyed, encode_message
 from longlived.auth import ANONYMOUS, Caller, bearer_token, match_token
-from longlived.errors import LogUnavailable, SubscriptionClosed
+from longlived.errors import ListenError, LogUnavailable, SubscriptionClosed
 from longlived.events import Published
 from longlived.hub import EndReason, Hub, Position
 from longlived.metrics import MetricsServer, Sample, on_loop, serve_metrics
@@ -61,8 +63,23 @@ M = TypeVar("M", bound=betterproto2.Message)
 
 log = logging.getLogger(__name__)
 
+_SENT_HELP = (
+    "Messages written to subscribers: each event once per subscriber it reaches, events "
+    "replayed to resuming subscribers, heartbeats and control messages such as RESET."
+)
+"""Why ``messages_sent`` passes ``events_published`` times the subscribers."""
+
 _GOAWAY_GRACE = 1.0
 """Seconds close() lets clients disconnect on their own before it sends GOAWAY."""
+
+
+@contextlib.contextmanager
+def _listener(address: str, name: str) -> Iterator[None]:
+    """An ``OSError`` starting the listener ``name`` on ``address`` becomes a ``ListenError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(address, name, exc) from exc
 
 
 class SubscriptionManager:
@@ -131,7 +148,8 @@ class SubscriptionManager:
     def refused(self, code: Code, message: str, peer: str) -> None:
         """Count and log a refused call (the calls report each refusal here)."""
         self.rejected[code.name] += 1
-        log.warning("Refused a call from %s: %s (%s)", peer, message, code.name)
+        log.warning("Refused a call from %s: %s (%s)", peer, message, code.name,
+                    extra=fields(peer=peer, status=code.name))  # fmt: skip
 
     @property
     def subscribers(self) -> list[int]:
@@ -277,7 +295,7 @@ class SubscriptionManager:
         return [
             Sample("longlived_subscribers", "gauge", "Open subscriptions.", len(self.hub)),
             Sample("longlived_events_published", "counter", "Events emitted.", hub.events),
-            Sample("longlived_messages_sent", "counter", "Messages written.", self.messages_sent),
+            Sample("longlived_messages_sent", "counter", _SENT_HELP, self.messages_sent),
             Sample(
                 "longlived_slow_subscriber_disconnects",
                 "counter",
@@ -391,14 +409,11 @@ class SubscriptionManager:
         from longlived._services import health_service, with_reflection
 
         services: list[Servable] = [self]
+        aliases = tuple(f"{p}.Longlived" for p in PACKAGES[1:])
         if self.settings.health:
-            services.append(
-                health_service(
-                    self, self.health, aliases=tuple(f"{p}.Longlived" for p in PACKAGES[1:])
-                )
-            )
+            services.append(health_service(self, self.health, aliases=aliases))
         if self.settings.reflection:
-            services = with_reflection(services, self.payload_types)
+            services = with_reflection(services, self.payload_types, aliases=aliases)
         # reflection describes the Longlived service itself, so it is built first
         return [self, *guarded(services[1:], self, public=self.settings.auth.public_methods)]
 
@@ -406,7 +421,8 @@ class SubscriptionManager:
         """Listen on ``settings.address`` (or on ``sock``) and start the event source.
 
         All or nothing: if a listener cannot start (a port in use), whatever did start is
-        closed again, the error propagates, and ``start`` may be called again.
+        closed again, ``ListenError`` (an ``OSError``) names the address and the listener,
+        and ``start`` may be called again.
         """
         if self._server is not None:
             raise RuntimeError("SubscriptionManager is already started")
@@ -442,18 +458,20 @@ class SubscriptionManager:
                 await shared.start()
                 self._log = shared  # prepare() emits into it
             if settings.metrics.port is not None:
-                metrics = serve_metrics(
-                    on_loop(self.stats, asyncio.get_running_loop()),
-                    host=settings.metrics.host,
-                    port=settings.metrics.port,
-                )
+                with _listener(f"{settings.metrics.host}:{settings.metrics.port}", "metrics"):
+                    metrics = serve_metrics(
+                        on_loop(self.stats, asyncio.get_running_loop()),
+                        host=settings.metrics.host,
+                        port=settings.metrics.port,
+                    )
             await self.prepare()
             if shared is not None:  # what prepare() put is in this replica's state
                 await shared.catch_up(settings.redis.timeout)
             if sock is not None:
                 await server.start(sock=sock, ssl=ssl)
             else:
-                await server.start(settings.host, settings.port, ssl=ssl)
+                with _listener(settings.address, "gRPC"):
+                    await server.start(settings.host, settings.port, ssl=ssl)
         except BaseException:
             self._log = None
             server.stop()
@@ -570,7 +588,7 @@ class SubscriptionManager:
         self.hub.end_subscriber(
             sub, EndReason.UNSUBSCRIBED, flush_timeout=self.settings.drain_timeout
         )
-        log.info("Unsubscribed client: %d", message.id)
+        log.info("Unsubscribed client: %d", message.id, extra=fields(subscriber=message.id))
         return Response()
 
     async def subscribe(

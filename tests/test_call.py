@@ -28,6 +28,7 @@ from longlived import (
 from longlived._call import PublishCall, SubscribeCall, UnsubscribeCall
 from longlived._proto.longlived import PublishRequest
 from longlived._status import CallError, Code
+from longlived.hub import EndReason
 
 M = TypeVar("M", bound=betterproto2.Message)
 
@@ -349,3 +350,19 @@ async def test_a_publish_while_draining_is_refused_so_the_publisher_retries_else
         await closing
     assert transport.status == (Code.UNAVAILABLE, "server shutting down", False)
     assert server.hub.stats.events == 0
+
+
+async def test_a_drain_writes_what_is_queued_before_it_ends_the_stream() -> None:
+    """An in-memory log dies with the process: events queued when the drain began must go
+    out before UNAVAILABLE, or the client resumes elsewhere to a RESET for them."""
+    server = host()
+    transport = FakeTransport(Request(id=4, accept_control=True))
+    async with running_call(server, transport) as task, asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda: 4 in server.subscribers)
+        await transport.wrote.wait()  # the first position
+        server.publish("a")
+        server.publish("b")
+        server.hub.end_all(EndReason.SHUTDOWN, flush_timeout=1.0)  # as close() does
+        await task
+    assert transport.data() == ["a", "b"]
+    assert transport.status == (Code.UNAVAILABLE, "server shutting down", False)

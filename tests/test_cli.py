@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from longlived import AuthSettings, LimitSettings, Request, Settings, SubscriptionManager
+from longlived import (
+    AuthSettings,
+    BackoffSettings,
+    LimitSettings,
+    Request,
+    ResilientClient,
+    Settings,
+    SubscriptionClosed,
+    SubscriptionManager,
+)
+from longlived._logfields import fields
+from longlived.cli import JsonFormatter, _parser, main
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
+STOPPED = re.compile(r"Client ID (\d+) stopped: gave up after 1 failed attempts")
 GOT = re.compile(r'Client ID (\d+) got response: "data mock for: (\d+)"')
 
 
@@ -150,6 +165,129 @@ async def test_clients_survive_a_server_restart(processes: list[Process]) -> Non
         await clients.wait_for(lambda lines: got_from(lines, mark) == {1, 2, 3})
     assert await clients.stop(signal.SIGINT) == 0
     assert "Traceback" not in "\n".join(clients.lines + server.lines)
+
+
+def help_flags(command: str, capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """The flags ``longlived COMMAND --help`` lists."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return set(re.findall(r"^  (--[a-z.-]+)", capsys.readouterr().out, re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    ("command", "listed", "left_out"),
+    [
+        ("serve", {"--interval", "--queue.size", "--auth.tokens", "--tls.cert"},
+         {"--count", "--topics", "--auth.token", "--heartbeat.interval", "--publish.via"}),
+        ("clients", {"--count", "--topics", "--auth.token", "--backoff.max", "--tls.cert"},
+         {"--interval", "--queue.size", "--auth.tokens", "--limits.reset-burst", "--redis.url"}),
+        ("demo", {"--interval", "--queue.size", "--count", "--topics"}, {"--publish.via"}),
+        ("publish", {"--publish.via", "--auth.token", "--limits.max-event-size", "--redis.url"},
+         {"--interval", "--count", "--queue.size", "--auth.tokens", "--metrics.port"}),
+    ],
+)  # fmt: skip
+def test_each_command_lists_the_settings_it_reads(
+    capsys: pytest.CaptureFixture[str], command: str, listed: set[str], left_out: set[str]
+) -> None:
+    flags = help_flags(command, capsys)
+    assert listed <= flags
+    assert not left_out & flags
+
+
+def test_a_setting_left_out_of_help_is_still_accepted() -> None:
+    parser, sources = _parser()
+    namespace = parser.parse_args(["serve", "--count", "3"])
+    assert Settings(_cli_settings_source=sources["serve"](parsed_args=namespace)).count == 3
+
+
+async def test_clients_exit_non_zero_once_every_client_has_stopped(
+    processes: list[Process],
+) -> None:
+    clients = await Process.start(
+        "clients", "--address", f"127.0.0.1:{free_port()}", "--count", "2", "--stagger", "0",
+        "--backoff.max-attempts", "1",
+    )  # fmt: skip
+    processes.append(clients)
+    async with asyncio.timeout(TIMEOUT):
+        assert await clients.proc.wait() == 1
+        await clients._reader
+    stopped = {int(m.group(1)) for line in clients.lines if (m := STOPPED.search(line))}
+    assert stopped == {1, 2}
+    assert "Traceback" not in "\n".join(clients.lines)
+
+
+@pytest.mark.parametrize("listener", ["gRPC", "metrics"])
+def test_a_port_in_use_is_named_in_one_line(listener: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        where = ["--address", f"127.0.0.1:{port}"]
+        if listener == "metrics":
+            where = ["--address", "127.0.0.1:0", "--metrics.port", str(port)]
+        result = subprocess.run(
+            [sys.executable, "-m", "longlived", "serve", *where],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"longlived: cannot listen on 127.0.0.1:{port} ({listener}): address already in use"
+    )
+
+
+# ----------------------------------------------------------------------- logs
+
+PEER = re.compile(r"127\.0\.0\.1:\d+")
+
+
+def test_json_lines_have_utc_milliseconds_and_the_fields_passed() -> None:
+    record = logging.getLogger("longlived.test").makeRecord(
+        "longlived.test", logging.WARNING, __file__, 1, "Client ID %d: retry in %.2fs",
+        (0, 0.25), None, extra=fields(subscriber=0, delay=0.25, token=""),
+    )  # fmt: skip
+    record.created = 1_700_000_000.5  # 2023-11-14T22:13:20.5 UTC, whatever the local zone
+    assert json.loads(JsonFormatter().format(record)) == {
+        "time": "2023-11-14T22:13:20.500Z",
+        "level": "WARNING",
+        "logger": "longlived.test",
+        "message": "Client ID 0: retry in 0.25s",
+        "subscriber": 0,
+        "delay": 0.25,
+    }
+
+
+async def test_json_logs_name_the_subscriber_the_peer_and_the_status(
+    processes: list[Process],
+) -> None:
+    server = await Process.start(
+        "serve", "--address", "127.0.0.1:0", "--interval", "0.1", "--log-format", "json",
+        "--auth.tokens", '{"t-alice": "alice"}',
+    )  # fmt: skip
+    processes.append(server)
+    async with asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda lines: any("Listening on" in line for line in lines))
+    listening = next(line for line in server.lines if "Listening on" in line)
+    address = json.loads(listening)["message"].removeprefix("Listening on ")
+    stranger = Settings(address=address, backoff=BackoffSettings(max_attempts=1))
+    alice = stranger.model_copy(update={"auth": AuthSettings(token="t-alice")})
+    async with (
+        ResilientClient(5, settings=alice) as member,
+        ResilientClient(6, settings=stranger) as other,
+    ):
+        async with asyncio.timeout(TIMEOUT):
+            assert (await anext(aiter(member))).data == "data mock for: 5"
+            with pytest.raises(SubscriptionClosed):
+                await anext(aiter(other))
+            await server.wait_for(lambda lines: any("Refused" in line for line in lines))
+    assert await server.stop() == 0
+    entries = [json.loads(line) for line in server.lines]
+    (received,) = [e for e in entries if e["message"].startswith("Received subscribe")]
+    assert received["subscriber"] == 5
+    assert PEER.fullmatch(received["peer"])
+    (refused,) = [e for e in entries if e["message"].startswith("Refused")]
+    assert (refused["level"], refused["status"]) == ("WARNING", "UNAUTHENTICATED")
+    assert PEER.fullmatch(refused["peer"])
+    assert refused["peer"] != received["peer"]  # each names its own connection
 
 
 # -------------------------------------------------------------------- publish

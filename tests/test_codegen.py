@@ -1,4 +1,5 @@
-"""The committed ``longlived/_proto`` is exactly what ``codegen/`` produces from ``proto/``."""
+"""The committed ``longlived/_proto`` is exactly what ``codegen/`` produces from ``proto/``, and
+``longlived/proto/`` (shipped in the wheel) holds the same ``.proto`` files."""
 
 from __future__ import annotations
 
@@ -62,3 +63,10 @@ def test_the_codegen_command_names_a_proto_it_cannot_compile(
     assert codegen.main(["--out", str(tmp_path / "out"), str(broken)]) == 1
     assert "longlived codegen:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_packaged_protos_are_the_contract() -> None:
+    fresh, packaged = _tree(ROOT / "proto"), _tree(ROOT / "longlived" / "proto")
+    assert sorted(packaged) == sorted(fresh), "run `just codegen` and commit the result"
+    changed = [name for name in fresh if not filecmp.cmp(fresh[name], packaged[name], False)]
+    assert changed == [], f"stale packaged protos {changed}: run `just codegen` and commit"

@@ -16,6 +16,7 @@ NO_GRPC = [
     "subscriber",
     "hub",
     "_dedup",
+    "_logfields",
     "redislog",
     "payload",
     "_status",

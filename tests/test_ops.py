@@ -104,6 +104,7 @@ def reflection(info, messages):
     return {
         "services": reflect(info, messages, list_services=""),
         "longlived": reflect(info, messages, file_containing_symbol="longlived.Longlived"),
+        "protos": reflect(info, messages, file_containing_symbol="protos.Longlived"),
         "health": reflect(info, messages, file_containing_symbol="grpc.health.v1.Health"),
         "unknown": reflect(info, messages, file_containing_symbol="no.such.Service"),
     }
@@ -174,10 +175,11 @@ async def probe(address: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """One ``/metrics`` page: sample values by name (with labels) and family types."""
+    """One ``/metrics`` page: sample values by name (with labels), family types and help."""
 
     values: dict[str, float]
     types: dict[str, str]
+    helps: dict[str, str]
 
 
 # An http(s)_proxy in the environment must not route loopback scrapes elsewhere.
@@ -195,13 +197,14 @@ async def scrape(port: int | None) -> Scrape:
     assert port is not None, "the metrics endpoint is off"
     async with asyncio.timeout(TIMEOUT):
         text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
-    values, types = {}, {}
+    values, types, helps = {}, {}, {}
     for family in text_string_to_metric_families(text):
         types[family.name] = family.type
+        helps[family.name] = family.documentation
         for sample in family.samples:
             labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return Scrape(values, types)
+    return Scrape(values, types, helps)
 
 
 V = TypeVar("V")
@@ -251,6 +254,18 @@ LONGLIVED_FILE = {
 }
 
 
+PROTOS_FILE = {
+    "package": "protos",
+    "messages": [],
+    "services": {
+        "Longlived": [
+            ["Subscribe", ".longlived.Request", ".longlived.Response", True],
+            ["Unsubscribe", ".longlived.Request", ".longlived.Response", False],
+        ]
+    },
+}
+
+
 async def test_grpcio_health_and_reflection_clients_see_the_service(
     settings: Settings, listener: socket.socket
 ) -> None:
@@ -264,8 +279,12 @@ async def test_grpcio_health_and_reflection_clients_see_the_service(
     }
     for version in ("v1alpha", "v1"):
         reflection = seen[version]
-        assert {"longlived.Longlived", "grpc.health.v1.Health"} <= set(reflection["services"])
+        assert {"longlived.Longlived", "protos.Longlived", "grpc.health.v1.Health"} <= set(
+            reflection["services"]
+        )
         assert reflection["longlived"] == [LONGLIVED_FILE], version
+        # the original proto's name, which the server answers too (no Publish there)
+        assert reflection["protos"] == [PROTOS_FILE], version
         # grpcurl can describe the health service too
         [health] = reflection["health"]
         assert health["package"] == "grpc.health.v1"
@@ -283,7 +302,7 @@ async def test_health_or_reflection_switched_off_is_unimplemented(
         assert set(seen["health"].values()) == {"UNIMPLEMENTED"}
         for version in ("v1alpha", "v1"):
             # reflection lists only what is served
-            assert seen[version]["services"] == ["longlived.Longlived"]
+            assert seen[version]["services"] == ["longlived.Longlived", "protos.Longlived"]
     else:
         assert seen["health"][""] == "SERVING"
         for version in ("v1alpha", "v1"):
@@ -391,6 +410,11 @@ async def test_metrics_count_resumes_and_resets(metered: Settings, listener: soc
                 "longlived_resumes_total": 1,
                 "longlived_resets_total": 1,
             }
+            # 3 events: 3 live messages, 2 replayed, 1 RESET; the help text says so
+            assert page.values["longlived_events_published_total"] == 3
+            assert page.values["longlived_messages_sent_total"] == 6
+            for counted in ("replayed", "heartbeats", "RESET"):
+                assert counted in page.helps["longlived_messages_sent"]
     finally:
         channel.close()
 
@@ -653,7 +677,8 @@ async def test_serve_logs_one_json_object_per_line() -> None:
     entries = [json.loads(line) for line in lines]
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= entry.keys(), entry
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", entry["time"]), entry
+        # UTC, to the millisecond
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
     messages = [(entry["level"], entry["logger"], entry["message"]) for entry in entries]
     assert any(
         re.fullmatch(r"Listening on 127\.0\.0\.1:[1-9]\d*", message) for _, _, message in messages

@@ -22,6 +22,8 @@ from longlived import (
 from longlived._dedup import Deduplicator
 from longlived._proto.google.protobuf import Any
 from longlived._proto.longlived import PublishReply, PublishRequest
+from longlived._status import CallError
+from longlived._wire import check_publish, decode_request
 from tests.helpers import channel_for, receive, running, subscription
 
 TIMEOUT = 10
@@ -250,3 +252,10 @@ def test_keys_expire_after_the_window_and_the_oldest_go_first() -> None:
     dedup.remember("c", Position("e", 3))
     dedup.remember("d", Position("e", 4))  # over max_keys: "b" goes
     assert (dedup.get("b"), len(dedup)) == (None, 2)
+
+
+def test_a_payload_of_the_wrong_wire_type_is_refused_by_name() -> None:
+    """Field 5 sent as a varint decoded to an int, and checking it crashed the call
+    (found by the property tests)."""
+    with pytest.raises(CallError, match="malformed PublishRequest message: payload"):
+        check_publish(decode_request(b"(\x00", PublishRequest, max_size=100))

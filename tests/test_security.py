@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ async def test_unverifiable_server_raises_tls_error_without_retrying(
 
 
 async def test_mutual_tls_admits_certified_clients_only(
-    listener: socket.socket, settings: Settings, pki: Pki
+    listener: socket.socket, settings: Settings, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     server_settings = settings.model_copy(
         update={"tls": TlsSettings(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)}
@@ -226,6 +227,14 @@ async def test_mutual_tls_admits_certified_clients_only(
         assert info.value.attempts == 2
         assert stranger.connections == 0
         assert server.subscribers == [1]
+        # the server says who failed the handshake, and why (asyncio alone says nothing)
+        failed = [r for r in caplog.records if r.getMessage().startswith("TLS handshake with")]
+        assert len(failed) == 2
+        for record in failed:
+            assert record.levelname == "WARNING"
+            message = record.getMessage()
+            assert re.match(r"TLS handshake with 127\.0\.0\.1:\d+ failed: ", message), message
+            assert "peer did not return a certificate" in message
         # the certified subscriber is unaffected
         server.send(1, "after the stranger")
         await data_until(messages, "after the stranger")

@@ -287,7 +287,7 @@ async def test_start_is_all_or_nothing(listener: socket.socket, settings: Settin
     )
     server = SubscriptionManager(quiet)
     try:
-        with pytest.raises(OSError, match="in use"):
+        with pytest.raises(OSError, match=r"cannot listen on .* \(metrics\): address already in"):
             await server.start(sock=listener)
         assert server.health.__status__() is not True  # health never said SERVING
         taken.close()
@@ -392,3 +392,25 @@ async def test_close_does_not_wait_out_a_slow_event_source(
     assert server._source is not None
     server._source.cancel()  # the test ends it; close() gave up on it
     await asyncio.wait([server._source])
+
+
+async def test_other_threads_hand_their_events_to_the_servers_loop(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """The README's recipe: the hub is loop-bound, so another thread goes through the loop."""
+    loop = asyncio.get_running_loop()
+
+    def worker() -> str:
+        loop.call_soon_threadsafe(server.publish, "published from a thread")
+        future = asyncio.run_coroutine_threadsafe(server.emit("emitted from a thread"), loop)
+        return future.result(timeout=TIMEOUT).position.token
+
+    channel = channel_for(quiet)
+    try:
+        async with subscription(channel, 1) as stream:
+            async with asyncio.timeout(TIMEOUT):
+                token = await asyncio.to_thread(worker)  # a real thread, not the loop's
+            assert await receive(stream, 2) == ["published from a thread", "emitted from a thread"]
+            assert token == server.hub.head.token
+    finally:
+        channel.close()

@@ -64,8 +64,12 @@ def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LONGLIVED_COUNT", "many", "integer"),
         ("LONGLIVED_BACKOFF__JITTER", "2", "less than 1"),
         ("LONGLIVED_LOG_LEVEL", "LOUD", "DEBUG"),
+        # not JSON where a setting needs it: the variable, the value and the format expected
+        ("LONGLIVED_AUTH__TOKENS", "{s3cret: alice}",
+         'expected JSON, an object such as {"name": "value"} (Expecting'),
+        ("LONGLIVED_TOPICS", "news,sports", 'expected JSON, a list such as ["a", "b"] (Expecting'),
     ],
-)
+)  # fmt: skip
 def test_invalid_values_name_the_variable(
     monkeypatch: pytest.MonkeyPatch, env: str, value: str, fragment: str
 ) -> None:
@@ -78,15 +82,20 @@ def test_invalid_values_name_the_variable(
     assert fragment in message
 
 
-def test_cli_reports_invalid_values_in_one_line_without_traceback() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "longlived", "serve"],
-        env={"LONGLIVED_INTERVAL": "-1", "PATH": ""},
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``longlived *args`` with only ``env`` (and an empty PATH) in its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "longlived", *args],
+        env={**(env or {}), "PATH": ""},
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_cli_reports_invalid_values_in_one_line_without_traceback() -> None:
+    result = cli("serve", env={"LONGLIVED_INTERVAL": "-1"})
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
@@ -96,14 +105,41 @@ def test_cli_reports_invalid_values_in_one_line_without_traceback() -> None:
 
 
 def test_cli_flag_error_is_clear() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "longlived", "clients", "--count", "0"],
-        env={"PATH": ""},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = cli("clients", "--count", "0")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "LONGLIVED_COUNT (flag --count) = '0'" in result.stderr
+
+
+@pytest.mark.parametrize("word", ["null", "None", "NULL", " none "])
+def test_null_or_none_unsets_optional_settings_from_env(
+    monkeypatch: pytest.MonkeyPatch, word: str
+) -> None:
+    monkeypatch.setenv("LONGLIVED_KEEPALIVE__TIME", word)
+    monkeypatch.setenv("LONGLIVED_MAX_CONNECTION_AGE", word)
+    monkeypatch.setenv("LONGLIVED_METRICS__PORT", word)
+    settings = load_settings()
+    assert settings.keepalive.time is None
+    assert settings.max_connection_age is None
+    assert settings.metrics.port is None
+
+
+def test_null_or_none_unsets_optional_settings_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGLIVED_MAX_CONNECTION_AGE", "60")
+    settings = _from_cli(["serve", "--keepalive.time", "None", "--max-connection-age", "null"])
+    assert (settings.keepalive.time, settings.max_connection_age) == (None, None)
+
+
+def test_null_is_no_number_for_a_setting_that_needs_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGLIVED_INTERVAL", "null")
+    with pytest.raises(ConfigError, match="LONGLIVED_INTERVAL"):
+        load_settings()
+
+
+def test_cli_reports_bad_json_in_one_line() -> None:
+    result = cli("serve", env={"LONGLIVED_AUTH__TOKENS": "{bad"})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "longlived: invalid LONGLIVED_AUTH__TOKENS (flag --auth.tokens) = '{bad': expected JSON"
+    )

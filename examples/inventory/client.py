@@ -14,9 +14,10 @@ import argparse
 import asyncio
 import logging
 
-from examples.inventory._proto.inventory import Item
-from examples.inventory.server import TOPIC
 from longlived import Change, Settings, WatchCache
+
+from ._proto.inventory import Item
+from .server import TOPIC
 
 
 def describe(change: Change[Item]) -> str:
@@ -40,8 +41,11 @@ async def watch(settings: Settings, *, id: int, changes: int = -1) -> dict[str, 
         return cache.items()
 
 
+DESCRIPTION = "Watches the inventory service: a typed cache of every item, printing each change."
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--address", default="127.0.0.1:7070")
     parser.add_argument("--id", type=int, default=1, help="the subscriber id")
     args = parser.parse_args()

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import random
 
-from examples.inventory._proto.inventory import Item
 from longlived import Settings, SubscriptionManager
+
+from ._proto.inventory import Item
 
 TOPIC = "inventory"
 NAMES = ["bolt", "nut", "washer", "gear", "spring", "valve", "hinge", "pulley"]
@@ -78,8 +79,13 @@ async def serve(settings: Settings, *, seed: int, changes: int) -> None:
         await service.wait_closed()
 
 
+DESCRIPTION = (
+    "The inventory service: keeps a warehouse's stock as keyed state on topic ``inventory``."
+)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--address", default="127.0.0.1:7070")
     parser.add_argument("--seed", type=int, default=0, help="picks the starting stock")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between changes")
