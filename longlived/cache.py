@@ -31,6 +31,7 @@ from typing import Generic, Literal, Self, TypeVar
 
 import betterproto2
 
+from longlived._aio import wait_first
 from longlived._proto.longlived import Response, ResponseKind
 from longlived.client import ResilientClient
 from longlived.errors import ResumeExpired
@@ -142,13 +143,7 @@ class WatchCache(Generic[M]):
             what ended the cache first (``SubscriptionClosed``, ``RetriesExhausted``, ...),
             or ``RuntimeError`` if it ended, unsynced, without an error.
         """
-        synced = asyncio.ensure_future(self._synced.wait())
-        done = asyncio.ensure_future(self._done.wait())
-        try:
-            await asyncio.wait([synced, done], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            synced.cancel()
-            done.cancel()
+        await wait_first(self._synced, self._done)
         if not self.synced:
             self._raise_error()
             raise RuntimeError("the cache ended before its first snapshot")
