@@ -205,13 +205,19 @@ class Hub:
         snapshot (nothing queued before it is kept: the snapshot holds its effect)."""
         if sub.snapshot:
             log.info("Subscriber %d cannot resume from %r (%s): snapshot", sub.id, token, reason)
-            sub.drop_all()
-            self.stats.resyncs += 1
-            self._resync(sub, reason)
+            self._resnapshot(sub, reason)
             return
         log.info("Subscriber %d cannot resume from %r (%s): RESET", sub.id, token, reason)
         self.stats.resets += 1
         sub.replay([self._encode(Kind.RESET, self.head, reason, "", b"")])
+
+    def _resnapshot(self, sub: Subscriber, reason: str) -> None:
+        """Replace whatever ``sub`` has queued or still awaits from a shared log with a
+        fresh snapshot at the head: the state holds the effect of all of it."""
+        sub.drop_all()
+        sub.gap = None
+        self.stats.resyncs += 1
+        self._resync(sub, reason)
 
     def _resync(self, sub: Subscriber, reason: str) -> None:
         """Queue the keyed state of ``sub``'s topics, then SYNCED at the head (``reason``:
@@ -519,15 +525,14 @@ class Hub:
             return True
         log.warning("Subscriber %d is too slow (%d messages queued): dropping them",
                     sub.id, sub.queued)  # fmt: skip
-        sub.drop_all()
+        reason = "subscriber too slow: events dropped"
         if sub.snapshot:  # the state at this event replaces what was dropped
-            sub.gap = None  # and what a shared log was still to fill in
-            self.stats.resyncs += 1
-            self._resync(sub, "subscriber too slow: events dropped")
-        elif sub.control:
+            self._resnapshot(sub, reason)
+            return False
+        sub.drop_all()
+        if sub.control:
             self.stats.resets += 1
             position = Position(self.epoch, event.seq)
-            reason = "subscriber too slow: events dropped"
             sub.put(self._encode(Kind.RESET, position, reason, "", b""))
         return False
 
