@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, Literal, Self, TypeVar
@@ -153,7 +153,7 @@ class WatchCache(Generic[M]):
         self._handlers.append(handler)
         return lambda: self._handlers.remove(handler) if handler in self._handlers else None
 
-    async def changes(self) -> AsyncIterator[Change[M]]:
+    async def changes(self) -> AsyncGenerator[Change[M], None]:
         """Every change from the first step of the iteration on, until the cache ends
         (then it raises what ended it, if anything did). Changes wait in an unbounded
         queue until read."""

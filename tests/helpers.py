@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
+import betterproto2
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 
-from longlived import Request, Response, Settings, SubscriptionManager
+from longlived import Request, Response, Settings, SubscriptionManager, WatchCache
 
 Subscription = Stream[Request, Response]
+
+M = TypeVar("M", bound=betterproto2.Message)
 
 
 def channel_for(settings: Settings) -> Channel:
@@ -72,3 +77,22 @@ def drop_connections(server: SubscriptionManager) -> int:
     for protocol in protocols:
         protocol.connection._transport.abort()
     return len(protocols)
+
+
+async def cache_until(cache: WatchCache[M], done: Callable[[], bool], *, timeout: float) -> None:
+    """Wait until ``done()`` holds, re-checked at each change the cache reports."""
+    async with asyncio.timeout(timeout), contextlib.aclosing(cache.changes()) as changes:
+        if done():  # checked before the iteration registers, with no await in between
+            return
+        async for _ in changes:
+            if done():
+                return
+
+
+async def converged(
+    cache: WatchCache[M], expected: Callable[[], Mapping[str, M]], *, timeout: float
+) -> None:
+    """Wait until ``cache`` has synced and holds exactly ``expected()``."""
+    async with asyncio.timeout(timeout):
+        await cache.wait_synced()
+    await cache_until(cache, lambda: cache.items() == expected(), timeout=timeout)

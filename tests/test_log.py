@@ -49,7 +49,7 @@ from longlived._wire import encode_message
 from longlived.errors import LogUnavailable
 from longlived.redislog import RedisAppender, RedisLog
 from tests.h2peer import H2Peer, grpc_body, request_headers
-from tests.helpers import channel_for, subscription
+from tests.helpers import cache_until, channel_for, converged, subscription
 from tests.proxy import proxy_to
 from tests.redis_server import RedisServer, redis_cluster, redis_server
 from tests.test_cli import Process, free_port
@@ -754,17 +754,6 @@ def stock(n: int, version: int = 0) -> Item:
     return Item(sku=f"k{n}", count=n, price=version)
 
 
-async def synced_to(cache: WatchCache[Item], expected: dict[str, Item]) -> None:
-    """Wait until ``cache`` holds exactly ``expected`` (re-checked at each change)."""
-    async with asyncio.timeout(TIMEOUT):
-        await cache.wait_synced()
-        changes = cache.changes()  # registered at its first step, before any await
-        if cache.items() != expected:
-            async for _ in changes:
-                if cache.items() == expected:
-                    break
-
-
 async def test_keyed_state_is_shared_by_replicas_and_loaded_by_a_new_one(
     redis: RedisServer, base: Settings
 ) -> None:
@@ -779,7 +768,7 @@ async def test_keyed_state_is_shared_by_replicas_and_loaded_by_a_new_one(
                     last = await replica.put(f"k{n % 10}", stock(n % 10, n), topic="stock")
             await read_up_to(last, a, b)
             expected = a.items(Item, topic="stock")
-            await synced_to(cache, expected)
+            await converged(cache, lambda: expected, timeout=TIMEOUT)
             assert b.items(Item, topic="stock") == expected
             assert cache.snapshots == 1
         direct = settings.model_copy(update={"publish": PublishSettings(via="redis")})
@@ -789,7 +778,7 @@ async def test_keyed_state_is_shared_by_replicas_and_loaded_by_a_new_one(
         async with serving(settings) as late:  # it starts after every change: Redis has the state
             assert late.items(Item, topic="stock") == expected
             async with WatchCache(Item, 2, topic="stock", settings=late.settings) as cache:
-                await synced_to(cache, expected)
+                await converged(cache, lambda: expected, timeout=TIMEOUT)
 
 
 async def test_the_keyed_state_bound_holds_across_replicas(
@@ -825,18 +814,16 @@ async def test_a_cache_resyncs_to_what_redis_holds_after_losing_its_data(
             last = await server.put(f"k{n}", stock(n), topic="stock")
         await read_up_to(last, server)
         async with WatchCache(Item, 1, topic="stock", settings=server.settings) as cache:
-            await synced_to(cache, server.items(Item, topic="stock"))
+            await converged(cache, lambda: server.items(Item, topic="stock"), timeout=TIMEOUT)
             seen: list[Change[Item]] = []
             cache.on_change(seen.append)
             await redis.restart()  # persistence off: the stream, its epoch and the state go
             assert server._log is not None
-            async with asyncio.timeout(TIMEOUT):
-                while cache.snapshots < 2:
-                    await anext(aiter(cache.changes()))
+            await cache_until(cache, lambda: cache.snapshots >= 2, timeout=TIMEOUT)
             assert cache.items() == {}
             assert sorted((c.type, c.key) for c in seen) == [("deleted", f"k{n}") for n in range(5)]
             await server.put("k-new", stock(7), topic="stock", idempotency_key="new")
-            await synced_to(cache, {"k-new": stock(7)})
+            await converged(cache, lambda: {"k-new": stock(7)}, timeout=TIMEOUT)
 
 
 async def test_keys_and_topics_that_share_bytes_stay_apart_in_redis(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import Callable
 
 import pytest
 
@@ -30,7 +29,7 @@ from longlived import (
 )
 from longlived._wire import encode_message
 from longlived.hub import Policy
-from tests.helpers import running
+from tests.helpers import converged, running
 from tests.proxy import proxy_to
 
 TIMEOUT = 20
@@ -203,18 +202,6 @@ class Recorder:
             self.versions[change.key] = change.value.price
 
 
-async def converged(cache: WatchCache[Item], expected: Callable[[], dict[str, Item]]) -> None:
-    """Wait until the cache holds exactly ``expected()`` (re-checked at each change)."""
-    async with asyncio.timeout(TIMEOUT):
-        await cache.wait_synced()
-        changes = cache.changes()  # registered at its first step, before any await
-        if cache.items() == expected():
-            return
-        async for _ in changes:
-            if cache.items() == expected():
-                return
-
-
 class Changer:
     """Random puts and deletes over a few keys; every put carries a new version."""
 
@@ -253,7 +240,7 @@ async def test_caches_joining_under_a_stream_of_changes_end_equal_to_the_server(
                     if _ % 10 == 0:
                         await asyncio.sleep(0)  # let the streams be written meanwhile
             for cache, _recorder in caches:
-                await converged(cache, changer.state)
+                await converged(cache, changer.state, timeout=TIMEOUT)
                 assert cache.snapshots == 1
                 assert cache.client.duplicates == 0
         finally:
@@ -302,7 +289,7 @@ async def frozen_cache_catches_up(
         behind = slow.model_copy(update={"address": f"127.0.0.1:{proxy_port}"})
         async with WatchCache(Item, 1, topic=TOPIC, settings=behind) as cache:
             recorder = Recorder(cache)
-            await converged(cache, changer.state)
+            await converged(cache, changer.state, timeout=TIMEOUT)
             proxy.freeze()
             filler = "x" * 4096  # fills the windows and socket buffers in fewer changes
             for _ in range(5000):
@@ -314,7 +301,7 @@ async def frozen_cache_catches_up(
             for _ in range(20):  # and changes go on after it
                 await changer.change()
             proxy.thaw()
-            await converged(cache, changer.state)
+            await converged(cache, changer.state, timeout=TIMEOUT)
         resnapshot = policy == "drop" or history < 1000
         assert cache.snapshots == (2 if resnapshot else 1)
         # the drop policy may resnapshot more than once while frozen; the cache sees the last
