@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -30,18 +29,13 @@ from pathlib import Path
 
 from tests.proxy import Proxy, proxy_to
 from tests.redis_server import RedisServer, redis_server
+from tests.test_cli import free_port
 
 __all__ = ["FAULTS", "Child", "Outcome", "Run", "run_fault"]
 
 SUBSCRIBERS = 3
 WAIT = 30.0
 """Bound on every wait of a run (a busy 2-core machine included)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Child:
