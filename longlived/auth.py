@@ -20,7 +20,9 @@ class Caller:
     """An authenticated (or anonymous) caller."""
 
     name: str
+    """Who is calling: the name its token maps to, or ``anonymous``."""
     authenticated: bool = True
+    """False when authentication is off."""
 
 
 ANONYMOUS = Caller("anonymous", authenticated=False)

@@ -45,6 +45,7 @@ M = TypeVar("M", bound=betterproto2.Message)
 log = logging.getLogger(__name__)
 
 ChangeType = Literal["added", "updated", "deleted"]
+"""What a ``Change`` did: a key ``added``, ``updated`` to another value, or ``deleted``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,9 @@ class Change(Generic[M]):
     """One difference in the cache."""
 
     type: ChangeType
+    """What happened to the key."""
     key: str
+    """The key that changed."""
     value: M
     """The new value; for ``deleted``, the last one."""
     old: M | None = None
@@ -91,7 +94,9 @@ class WatchCache(Generic[M]):
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.message_type = message_type
+        """The app's message every value is."""
         self.topic = topic
+        """The topic whose keyed state it follows."""
         self.client = ResilientClient(
             id,
             settings=settings,
@@ -140,8 +145,11 @@ class WatchCache(Generic[M]):
         ``asyncio.timeout``.
 
         Raises:
-            what ended the cache first (``SubscriptionClosed``, ``RetriesExhausted``, ...),
-            or ``RuntimeError`` if it ended, unsynced, without an error.
+            SubscriptionClosed: the server ended the subscription first, with a status that
+                is not retried (as ``run()`` raises it; so with ``RetriesExhausted`` and
+                ``PayloadTypeError``: whatever ended the cache first).
+            RuntimeError: the cache ended before its first snapshot without an error (it
+                was closed, or the server ended the subscription with OK).
         """
         await wait_first(self._synced, self._done)
         if not self.synced:

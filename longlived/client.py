@@ -57,16 +57,16 @@ log = logging.getLogger(__name__)
 class ResilientClient:
     """A subscription that survives server restarts and broken connections without loss.
 
-    ::
-
-        async with ResilientClient(7, settings=Settings()) as client:
-            while True:
-                try:
-                    async for response in client:
-                        print(response.data)
-                    break  # the server ended the subscription (Unsubscribe)
-                except ResumeExpired:
-                    resync()  # events were lost: rebuild state, then carry on
+    ```python
+    async with ResilientClient(7, settings=Settings()) as client:
+        while True:
+            try:
+                async for response in client:
+                    print(response.data)
+                break  # the server ended the subscription (Unsubscribe)
+            except ResumeExpired:
+                resync()  # events were lost: rebuild state, then carry on
+    ```
 
     ``connected`` is set while a stream is open (the server has registered the id);
     ``disconnected`` is set while it is not. Both are ``asyncio.Event`` objects, so apps
@@ -108,14 +108,21 @@ class ResilientClient:
             # protobuf would silently keep the low 32 bits: 2**32 + 5 would subscribe as 5
             raise ValueError(f"subscriber id {id} is out of range: it must be from 0 to {MAX_ID}")
         self.id = id
+        """The subscriber id."""
         self.snapshot = snapshot
+        """Whether it follows the keyed state (SNAPSHOT, SYNCED, then changes)."""
         self.settings = settings if settings is not None else Settings()
+        """The settings it was made with."""
         self.topics = list(self.settings.topics if topics is None else topics)
+        """The topics it receives (empty: every topic)."""
         if (problem := check_topics(self.topics)) is not None:
             raise ValueError(problem)
         self.backoff: Backoff = self.settings.backoff.to_backoff()
+        """The delays between attempts."""
         self.connected = asyncio.Event()
+        """Set while a stream is open (the server has registered the id)."""
         self.disconnected = asyncio.Event()
+        """Set while no stream is open."""
         self.disconnected.set()
         self.connections = 0
         """How many times a stream has been opened."""
@@ -195,10 +202,12 @@ class ResilientClient:
 
     async def events(self, message_type: type[M]) -> AsyncIterator[TypedEvent[M]]:
         """Iterate as ``async for response in client``, each event's payload decoded as
-        ``message_type`` (the app's own generated message)::
+        ``message_type`` (the app's own generated message):
 
-            async for event in client.events(Order):
-                print(event.payload.id)  # an Order, for mypy too
+        ```python
+        async for event in client.events(Order):
+            print(event.payload.id)  # an Order, for mypy too
+        ```
 
         Only events with a value come through: a snapshot's SNAPSHOT messages and the puts
         of keyed state (``key`` set), not SYNCED nor deletes; follow keyed state with

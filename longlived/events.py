@@ -19,10 +19,15 @@ class Kind(enum.IntEnum):
     """Message kinds; the values are the wire's ``Response.Kind``."""
 
     DATA = 0
+    """An event."""
     HEARTBEAT = 1
+    """Nothing new: the stream is alive, at the position it carries."""
     RESET = 2
+    """Events were lost for this subscriber: resync, then carry on."""
     SNAPSHOT = 3
+    """One current value of the keyed state."""
     SYNCED = 4
+    """The snapshot is complete; live changes follow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +35,9 @@ class Position:
     """Where an event sits: an epoch (one per hub lifetime) and a sequence number."""
 
     epoch: str
+    """The run of the log the position belongs to."""
     seq: int
+    """The event's sequence number within the epoch."""
 
     @property
     def token(self) -> str:
@@ -52,6 +59,7 @@ class Published:
     """What publishing an event returned: its position, and whether it was a duplicate."""
 
     position: Position
+    """Where the event sits (``position.token`` resumes right after it)."""
     duplicate: bool = False
     """The idempotency key was seen within the window: nothing was emitted, and
     ``position`` is the first publish's."""
@@ -62,7 +70,9 @@ class Event:
     """One emitted event, as kept in the history."""
 
     seq: int
+    """Its sequence number."""
     topic: str
+    """The topic it was published on ("" for an event sent to one id)."""
     target: int | None
     """The one subscriber id it is for (``send``), or None for every match (``publish``)."""
     message: bytes

@@ -96,8 +96,11 @@ class Hub:
         max_keys: int = 100_000,
     ) -> None:
         self.queue_size = queue_size
+        """Live messages a subscriber may have queued before it is too slow."""
         self.policy: Policy = policy
+        """What an overflowing queue does: ``disconnect`` or ``drop``."""
         self.epoch = epoch if epoch is not None else secrets.token_hex(8)
+        """This hub's epoch: the first part of every position it gives."""
         self._encode = encode
         self._seq = 0
         self._history: deque[Event] = deque(maxlen=history_size)
@@ -113,7 +116,9 @@ class Hub:
         self._waiters: list[asyncio.Future[None]] = []
         self._head_waiters: list[asyncio.Future[None]] = []
         self.stats = HubStats()
+        """Running counts, read by the metrics endpoint."""
         self.dedup = dedup if dedup is not None else Deduplicator(window=120.0, max_keys=100_000)
+        """The idempotency keys seen within the window."""
 
     def __len__(self) -> int:
         return len(self._subscribers)

@@ -84,9 +84,11 @@ class TypedEvent(Generic[M]):
     """One DATA event with its payload decoded as the app's own message type."""
 
     payload: M
+    """The event's payload, decoded."""
     token: str
     """The position to resume after this event."""
     topic: str
+    """The topic the event was published on ("" for an event sent to one id)."""
     data: str
     """The text payload, if the publisher sent one too."""
     key: str = ""

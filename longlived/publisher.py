@@ -69,17 +69,20 @@ PUBLISH_PATH = "/longlived.Longlived/Publish"
 class Publisher:
     """Publishes events on a longlived server, retrying without ever emitting one twice.
 
-    ::
+    ```python
+    async with Publisher(settings=Settings()) as publisher:
+        published = await publisher.publish("price changed", topic="orders")
+        print(published.position.token)
+        await publisher.publish("your order has shipped", to=7)
+    ```
 
-        async with Publisher(settings=Settings()) as publisher:
-            published = await publisher.publish("price changed", topic="orders")
-            print(published.position.token)
-            await publisher.publish("your order has shipped", to=7)
-
-    Every publish carries an idempotency key, a fresh random one unless ``key`` is given,
-    and every retry of it carries the same key, so the server emits it once (see the module
-    docstring for when retrying stops). The publisher connects on its first publish;
-    publishes from several tasks share its one connection.
+    Every publish carries an idempotency key, a fresh random one unless
+    ``idempotency_key`` is given, and every retry of it carries the same key, so the server
+    emits it once. Retrying stops after ``backoff.max_attempts`` failed attempts (0: no
+    limit of its own), and always before an attempt could end more than
+    ``publish.dedup_window`` seconds after the first one began: past the window the server
+    may have forgotten the key. The publisher connects on its first publish; publishes from
+    several tasks share its one connection.
 
     Args:
         settings: address, TLS, keepalive, ``auth.token``, ``backoff`` and ``publish``
@@ -100,7 +103,9 @@ class Publisher:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings()
+        """The settings it was made with."""
         self.backoff: Backoff = self.settings.backoff.to_backoff()
+        """The delays between attempts."""
         self.published = 0
         """Publishes the server answered (duplicates included)."""
         self.retries = 0

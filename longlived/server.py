@@ -85,11 +85,13 @@ def _listener(address: str, name: str) -> Iterator[None]:
 class SubscriptionManager:
     """The server: holds subscriptions, pushes events down them, drains cleanly.
 
-    Use it as an async context manager (or call ``start`` and ``close``)::
+    Use it as an async context manager (or call ``start`` and ``close``):
 
-        async with SubscriptionManager(Settings()) as manager:
-            manager.send(7, "hello")
-            await manager.wait_closed()
+    ```python
+    async with SubscriptionManager(Settings()) as manager:
+        manager.send(7, "hello")
+        await manager.wait_closed()
+    ```
 
     Subclass it and override ``event_source`` to feed your own events; the default is the
     original example's mock generator (``data mock for: <id>`` to every subscriber every
@@ -111,7 +113,9 @@ class SubscriptionManager:
         payload_types: Iterable[type[betterproto2.Message]] = (),
     ) -> None:
         self.payload_types = list(payload_types)
+        """The app's message types that server reflection describes."""
         self.settings = settings if settings is not None else Settings()
+        """The settings it was made with."""
         self.hub = Hub(
             encode=encode_message,
             queue_size=self.settings.queue.size,
@@ -123,9 +127,11 @@ class SubscriptionManager:
             ),
             max_keys=self.settings.state.max_keys,
         )
+        """The event core: positions, history, subscribers and the keyed state."""
         self.health = ServiceStatus()
         """SERVING while the server accepts subscriptions (grpc.health.v1)."""
         self.messages_sent = 0
+        """Messages written to subscribers (``longlived_messages_sent_total``)."""
         self.rejected: collections.Counter[str] = collections.Counter()
         """Calls refused, by status name."""
         self._sleep = sleep

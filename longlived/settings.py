@@ -389,8 +389,11 @@ class MetricsSettings(_Group):
 class Settings(BaseSettings):
     """Everything longlived reads from its environment.
 
-    Attributes are documented in the README's settings table; each maps to the env var
-    ``LONGLIVED_<NAME>`` (nested: ``LONGLIVED_<GROUP>__<NAME>``) and the flag ``--<name>``.
+    Each field maps to the env var ``LONGLIVED_<NAME>`` (nested:
+    ``LONGLIVED_<GROUP>__<NAME>``) and the flag ``--<name>`` (nested: ``--<group>.<name>``);
+    the documentation's Settings page lists every one with its default and meaning, as
+    ``longlived COMMAND --help`` does. ``Settings()`` reads the environment and ``.env``;
+    keyword arguments override them. Instances are frozen.
     """
 
     model_config = SettingsConfigDict(
@@ -404,7 +407,8 @@ class Settings(BaseSettings):
 
     address: Address = Field(
         default="127.0.0.1:7070",
-        description="host:port the server listens on and clients connect to",
+        description="host:port the server listens on and clients connect to ([::1]:7070 for "
+        "IPv6; port 0: any free port, for serve and demo)",
     )
     interval: float = Field(
         default=1.0, gt=0, le=86_400, description="mock generator period, seconds"

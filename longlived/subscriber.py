@@ -75,15 +75,19 @@ class Subscriber:
         snapshot: bool = False,
     ) -> None:
         self.id = id
+        """The subscriber id."""
         self.owner = owner
         """Who opened the subscription (for authorization)."""
         self.limit = limit
+        """Live messages it may have queued before it counts as too slow."""
         self.topics = frozenset(topics)
+        """The topics it receives (empty: every topic)."""
         self.control = control
         """The peer understands HEARTBEAT and RESET messages."""
         self.snapshot = snapshot
         """It follows the keyed state: a lost position gets a fresh snapshot, not RESET."""
         self.end_reason: EndReason | None = None
+        """Why its stream ended (None while it is open)."""
         self.ended = asyncio.Event()
         """Set once the subscription has ended."""
         self.aborted = asyncio.Event()

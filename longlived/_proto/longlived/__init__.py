@@ -35,6 +35,10 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 
 class ResponseKind(betterproto2.Enum):
+    """
+    What a message is. A client that sends only `id` gets DATA messages only.
+    """
+
     @betterproto2.staticproperty
     @staticmethod
     def DESCRIPTOR() -> EnumDescriptor:
@@ -72,6 +76,10 @@ class ResponseKind(betterproto2.Enum):
 
 @dataclass(eq=False, repr=False)
 class PublishReply(betterproto2.Message):
+    """
+    Where the published event sits.
+    """
+
     @betterproto2.staticproperty
     @staticmethod
     def DESCRIPTOR() -> Descriptor:
@@ -83,6 +91,9 @@ class PublishReply(betterproto2.Message):
     """
 
     token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    The same position as an opaque token (what subscribers resume from).
+    """
 
     duplicate: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
     """
@@ -95,6 +106,10 @@ default_message_pool.register_message("longlived", "PublishReply", PublishReply)
 
 @dataclass(eq=False, repr=False)
 class PublishRequest(betterproto2.Message):
+    """
+    One event to emit, sent by a producer anywhere (the Publish RPC).
+    """
+
     @betterproto2.staticproperty
     @staticmethod
     def DESCRIPTOR() -> Descriptor:
@@ -135,6 +150,9 @@ class PublishRequest(betterproto2.Message):
     """
 
     delete: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
+    """
+    With `key`: remove the key (no payload).
+    """
 
 
 default_message_pool.register_message("longlived", "PublishRequest", PublishRequest)
@@ -142,6 +160,11 @@ default_message_pool.register_message("longlived", "PublishRequest", PublishRequ
 
 @dataclass(eq=False, repr=False)
 class Request(betterproto2.Message):
+    """
+    What a subscriber asks for: the request of Subscribe, and of Unsubscribe (which reads
+    only `id`).
+    """
+
     @betterproto2.staticproperty
     @staticmethod
     def DESCRIPTOR() -> Descriptor:
@@ -188,6 +211,10 @@ default_message_pool.register_message("longlived", "Request", Request)
 
 @dataclass(eq=False, repr=False)
 class Response(betterproto2.Message):
+    """
+    One message of a subscription stream; Unsubscribe answers an empty one.
+    """
+
     @betterproto2.staticproperty
     @staticmethod
     def DESCRIPTOR() -> Descriptor:
@@ -211,6 +238,9 @@ class Response(betterproto2.Message):
     kind: "ResponseKind" = betterproto2.field(
         4, betterproto2.TYPE_ENUM, default_factory=lambda: ResponseKind(0)
     )
+    """
+    What this message is.
+    """
 
     topic: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
     """
