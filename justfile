@@ -16,7 +16,7 @@ lint:
     ruff check .
     ruff format --check .
 
-# mypy --strict over the package, the tests and the examples.
+# mypy --strict over the package, the tests, the examples and the docs' hooks.
 typecheck:
     mypy
 
@@ -24,8 +24,12 @@ typecheck:
 test *ARGS:
     pytest {{ARGS}}
 
-# The whole gate: lint, typecheck, tests.
-gate: lint typecheck test
+# The documentation site, into site/ (warnings are errors).
+docs:
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+# The whole gate: lint, typecheck, docs, tests.
+gate: lint typecheck docs test
 
 # The demo: server plus ten clients (Ctrl-C to stop).
 demo *ARGS:
