@@ -180,7 +180,7 @@ class PassThroughCodec(CodecBase):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
-    """What one client connection may hold or do (see the README's settings table)."""
+    """What one client connection may hold or do (see ``LimitSettings``)."""
 
     max_streams: int = 1024
     """HTTP/2 MAX_CONCURRENT_STREAMS the server advertises and enforces."""

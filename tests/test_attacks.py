@@ -311,7 +311,7 @@ async def test_peers_with_huge_windows_that_stop_reading_hold_bounded_memory(
                     or sum(not p.connection.write_ready.is_set() for p in protocols) < 8
                 ):
                     await asyncio.sleep(0.01)
-            per_connection = 2 * WRITE_CAP + 16_384  # the README's bound: buffer + one write
+            per_connection = 2 * WRITE_CAP + 16_384  # the documented bound: buffer + one write
             assert server._server.buffered() <= 8 * per_connection
             async with canary(settings) as bird:
                 server.publish("canary")

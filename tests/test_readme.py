@@ -15,7 +15,7 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), 
 
 
 def test_the_readme_has_snippets() -> None:
-    assert len(SNIPPETS) >= 5
+    assert len(SNIPPETS) >= 2
 
 
 @pytest.mark.parametrize("number", range(len(SNIPPETS)))

@@ -397,7 +397,7 @@ async def test_close_does_not_wait_out_a_slow_event_source(
 async def test_other_threads_hand_their_events_to_the_servers_loop(
     server: SubscriptionManager, quiet: Settings
 ) -> None:
-    """The README's recipe: the hub is loop-bound, so another thread goes through the loop."""
+    """The documented recipe: the hub is loop-bound, so another thread goes through the loop."""
     loop = asyncio.get_running_loop()
 
     def worker() -> str:
