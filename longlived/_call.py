@@ -85,6 +85,12 @@ class CallTransport(Protocol):
         """Write ``messages`` in order; how many were written (fewer only if aborted)."""
         ...
 
+    def try_write(self, message: bytes) -> bool:
+        """Write one message at once if the peer can take it without any wait; False
+        (nothing written) otherwise. Called only between ``start`` and ``finish``, while
+        ``write`` is not running."""
+        ...
+
     async def reply(self, message: bytes, *, timeout: float) -> None:
         """Send the single response message of a unary call; drop the peer if it cannot
         take it within ``timeout``."""
@@ -332,12 +338,14 @@ class SubscribeCall(_Call):
             # the client judges silence by the period actually granted
             granted = {HEARTBEAT_HEADER: str(round(heartbeat * 1000))} if heartbeat else None
             if await transport.start(granted, sub.aborted):
+                sub.sink = self._direct
                 while (batch := await sub.take(idle=heartbeat)) is not None:
                     # an abort leaves the rest unwritten; take() then reports the end
                     host.messages_sent += await transport.write(
                         batch or [host.hub.heartbeat()], sub.aborted
                     )
         finally:
+            sub.sink = None
             if age is not None:
                 age.cancel()
         reason = sub.end_reason
@@ -345,6 +353,13 @@ class SubscribeCall(_Call):
         log.info("Stream of client ID %d ended: %s", sub.id, reason.value,
                  extra=self._fields(sub, END_STATUS[reason]))  # fmt: skip
         await transport.finish(END_STATUS[reason], reason.value, timeout=settings.drain_timeout)
+
+    def _direct(self, message: bytes) -> bool:
+        """``sub.sink``: a message written at once, without queue or task switch."""
+        if self.transport.try_write(message):
+            self.host.messages_sent += 1
+            return True
+        return False
 
     def _max_age_timer(self, sub: Subscriber) -> asyncio.TimerHandle | None:
         """End ``sub`` after ``max_connection_age`` ±10 % (one timer per stream)."""

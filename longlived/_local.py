@@ -66,6 +66,9 @@ class LocalTransport:
             return max(written, 0)
         return len(messages)
 
+    def try_write(self, message: bytes) -> bool:
+        return False  # write() hands messages over as fast: no second path to keep
+
     async def reply(self, message: bytes, *, timeout: float) -> None:
         self._pending.append(message)
         self._arrived.set()

@@ -12,7 +12,7 @@ import betterproto2
 from google.protobuf import message_factory
 
 from longlived._proto.google.protobuf import Any as ProtoAny
-from longlived._proto.longlived import PublishRequest, Request, Response, ResponseKind
+from longlived._proto.longlived import PublishRequest, Request
 from longlived._status import CallError, Code
 from longlived.events import Kind, Position
 
@@ -53,16 +53,24 @@ MAX_TYPE_URL_LENGTH = 2048
 M = TypeVar("M", bound=betterproto2.Message)
 
 
-_PAYLOAD_TAG = bytes([(6 << 3) | 2])  # Response.payload: field 6, length-delimited
+_SMALL = [bytes([i]) for i in range(0x80)]  # one-byte varints
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _text(tag: bytes, value: str) -> bytes:
+    """A length-delimited field (``tag``) holding ``value`` encoded as UTF-8."""
+    raw = value.encode()
+    return tag + _varint(len(raw)) + raw
 
 
 def encode_message(
@@ -77,24 +85,31 @@ def encode_message(
 ) -> bytes:
     """One wire ``Response`` of ``kind`` at ``position``.
 
-    ``payload`` is an encoded ``google.protobuf.Any``; it is appended as field 6 as it is,
-    never decoded and encoded again. A SNAPSHOT message carries no token: a stream cut
-    within a snapshot must not resume from the middle of it.
+    Written field by field as protobuf's own encoder does (fields in number order, proto3
+    defaults left out): this fixed message is on every event's path, and a generic encoder
+    costs ten times more. ``payload`` is an encoded ``google.protobuf.Any``, written as
+    field 6 as it is, never decoded and encoded again. A SNAPSHOT message carries no token:
+    a stream cut within a snapshot must not resume from the middle of it.
     """
-    message = bytes(
-        Response(
-            data=data,
-            seq=position.seq,
-            token="" if kind is Kind.SNAPSHOT else position.token,
-            kind=ResponseKind(kind.value),
-            topic=topic,
-            key=key,
-            deleted=deleted,
-        )
-    )
+    parts: list[bytes] = []
+    if data:
+        parts.append(_text(b"\x0a", data))  # 1: data
+    seq = position.seq
+    if seq:
+        parts.append(b"\x10" + _varint(seq))  # 2: seq
+    if kind is not Kind.SNAPSHOT:
+        parts.append(_text(b"\x1a", position.token))  # 3: token (never empty)
+    if kind:
+        parts.append(b"\x20" + _SMALL[kind])  # 4: kind
+    if topic:
+        parts.append(_text(b"\x2a", topic))  # 5: topic
     if payload:
-        message += _PAYLOAD_TAG + _varint(len(payload)) + payload
-    return message
+        parts.append(b"\x32" + _varint(len(payload)) + payload)  # 6: payload
+    if key:
+        parts.append(_text(b"\x3a", key))  # 7: key
+    if deleted:
+        parts.append(b"\x40\x01")  # 8: deleted
+    return b"".join(parts)
 
 
 def too_large(size: int, max_size: int) -> CallError:

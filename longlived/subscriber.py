@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 __all__ = ["EndReason", "Gap", "Subscriber"]
@@ -49,7 +50,9 @@ class Subscriber:
 
     __slots__ = (
         "_allowance",
+        "_direct_at",
         "_flush_timer",
+        "_parked",
         "_queue",
         "_wake",
         "aborted",
@@ -60,6 +63,7 @@ class Subscriber:
         "id",
         "limit",
         "owner",
+        "sink",
         "snapshot",
         "topics",
     )
@@ -98,6 +102,12 @@ class Subscriber:
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._wake = asyncio.Event()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._parked = False  # its writer waits in take() with nothing queued
+        self._direct_at = 0.0  # when a message last went out through the sink
+        self.sink: Callable[[bytes], bool] | None = None
+        """Writes one message at once if the peer can take it without waiting (True), or
+        declines (False). Set by the stream's writer: a message put while the writer waits
+        with nothing queued goes out through it, with no queue and no task switch."""
         self.gap: Gap | None = None
         """What it missed before the hub's history, still to be fetched from a shared log."""
 
@@ -119,7 +129,14 @@ class Subscriber:
         return len(self._queue) >= (limit + self.limit if self.gap is not None else limit)
 
     def put(self, message: bytes) -> None:
-        """Queue ``message`` (the caller checked ``full()``)."""
+        """Queue ``message`` (the caller checked ``full()``), or write it at once through
+        ``sink`` when the writer is idle: nothing queued can be overtaken then."""
+        if self._parked:
+            sink = self.sink
+            if sink is not None and sink(message):
+                self._direct_at = time.monotonic()
+                return
+            self._parked = False  # what follows queues behind it, in order
         self._queue.append(message)
         self._wake.set()
 
@@ -130,6 +147,7 @@ class Subscriber:
         else:
             self._queue.extend(messages)
         self._allowance += len(messages)
+        self._parked = False  # live messages now queue behind these
         self._wake.set()
 
     def drop_all(self) -> None:
@@ -173,22 +191,37 @@ class Subscriber:
         """Wait for queued messages and take them all.
 
         Returns None once the subscription has ended and its queue is empty, and ``[]``
-        when ``idle`` seconds pass with nothing queued (time for a heartbeat).
+        when ``idle`` seconds pass with nothing queued or written through ``sink`` (time
+        for a heartbeat).
         """
         while not self._queue:
             if self.end_reason is not None:
                 return None
             self._wake.clear()
-            if idle is None:
-                await self._wake.wait()
-                continue
+            self._parked = True
             try:
-                async with asyncio.timeout(idle):
+                if idle is None:
                     await self._wake.wait()
-            except TimeoutError:
-                if not self._queue and self.end_reason is None:
+                elif await self._idle(idle):
                     return []
+            finally:
+                self._parked = False
         batch = list(self._queue)
         self._queue.clear()
         self._allowance = max(0, self._allowance - len(batch))
         return batch
+
+    async def _idle(self, idle: float) -> bool:
+        """Wait for a wake-up; True if ``idle`` seconds passed with nothing sent first."""
+        deadline = time.monotonic() + idle
+        while True:
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._wake.wait()
+                return False
+            except TimeoutError:
+                if self._queue or self.end_reason is not None:
+                    return False
+                deadline = self._direct_at + idle  # messages went out meanwhile: not idle
+                if deadline <= time.monotonic():
+                    return True

@@ -127,6 +127,51 @@ async def test_a_stream_is_not_stuck_behind_a_sibling_holding_the_connection_win
         channel.close()
 
 
+async def test_events_written_at_once_keep_to_a_small_window_and_to_their_order(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """A subscriber that keeps up gets each event written by the publish itself, past h2's
+    send_data: the windows h2 tracks must shrink as if it had sent them (the peer's h2
+    checks its own window and fails the connection otherwise), and what queues once the
+    window is used up must not be overtaken."""
+    reader, writer = await asyncio.open_connection(quiet.host, quiet.port)
+    peer = H2Peer(reader, writer)
+    peer.h2.initiate_connection()
+    peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1_000})
+    try:
+        stream_id = peer.open(request_headers(), grpc_body(Request(id=1)))
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            await peer.read_until(h2.events.ResponseReceived, stream_id=stream_id)
+        for n in range(40):  # one event per loop turn: each finds the writer idle
+            server.publish(f"{n:03}" + "x" * 60)
+            await asyncio.sleep(0)
+        received = 0
+        async with asyncio.timeout(TIMEOUT):
+            while received < 1_000 - 100:  # read, granting nothing, until the window is used
+                for event in peer.h2.receive_data(await reader.read(65_536)):
+                    if isinstance(event, h2.events.DataReceived):
+                        received += event.flow_controlled_length
+                        peer.events.append(event)
+        assert received <= 1_000
+        for event in peer.events:  # now grant it all back, and read the rest
+            if isinstance(event, h2.events.DataReceived):
+                peer.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            rest = await peer.read_data(stream_id, until=b"039" + b"x" * 60)
+        first = b"".join(e.data for e in peer.events if isinstance(e, h2.events.DataReceived))
+        data = first + rest
+        messages = []
+        while data:
+            size = int.from_bytes(data[1:5], "big")
+            messages.append(Response.FromString(data[5 : 5 + size]).data)
+            data = data[5 + size :]
+        assert messages == [f"{n:03}" + "x" * 60 for n in range(40)]
+    finally:
+        peer.close()
+
+
 # ------------------------------------------------------------ item 5: unadmitted streams
 
 

@@ -58,6 +58,8 @@ class FakeTransport:
         self.status: tuple[Code, str | None, bool] | None = None
         self.wrote = asyncio.Event()
         self.finished = asyncio.Event()
+        self.direct = False  # whether try_write takes messages
+        self.direct_writes = 0
 
     async def read_request(self, message_type: type[M], *, max_size: int) -> M:
         self.reads += 1
@@ -76,6 +78,14 @@ class FakeTransport:
         self.messages += [Response.FromString(m) for m in messages]
         self.wrote.set()
         return len(messages)
+
+    def try_write(self, message: bytes) -> bool:
+        if not self.direct:
+            return False
+        self.messages.append(Response.FromString(message))
+        self.direct_writes += 1
+        self.wrote.set()
+        return True
 
     async def reply(self, message: bytes, *, timeout: float) -> None:
         self.replies.append(Response.FromString(message))
@@ -153,6 +163,28 @@ async def test_an_admitted_call_streams_its_events_then_its_final_status() -> No
     assert transport.messages[0].kind == ResponseKind.HEARTBEAT  # the position comes first
     assert transport.status == (Code.OK, "unsubscribed", False)
     assert server.subscribers == []
+
+
+async def test_events_for_an_idle_writer_go_out_at_once_and_declined_ones_queue_in_order() -> None:
+    server = host()
+    transport = FakeTransport(Request(id=4))
+    async with running_call(server, transport) as task, asyncio.timeout(TIMEOUT):
+        # woken once the call, registered, waits for its first message (the fake's start()
+        # does not suspend)
+        await server.wait_for(lambda: 4 in server.subscribers)
+        transport.direct = True
+        server.publish("one")  # written by the publish itself
+        assert (transport.data(), transport.direct_writes) == (["one"], 1)
+        transport.direct = False
+        server.publish("two")  # declined: queued for the writer
+        transport.direct = True
+        server.publish("three")  # behind "two", though the transport would take it now
+        await transport.until_data(3)
+        assert await server.unsubscribe(Request(id=4)) == Response()
+        await task
+    assert transport.data() == ["one", "two", "three"]
+    assert transport.direct_writes == 1
+    assert server.messages_sent == 3
 
 
 async def test_ownership_outlives_the_owners_stream_while_her_events_can_be_replayed() -> None:

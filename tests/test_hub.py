@@ -11,6 +11,7 @@ import pytest
 from longlived import EndReason, Event, Hub, Kind, Position, Response, ResponseKind
 from longlived._wire import encode_message
 from longlived.hub import Policy
+from longlived.subscriber import Subscriber
 
 
 def make_hub(
@@ -295,3 +296,79 @@ async def test_live_events_during_a_backfill_do_not_make_the_subscriber_too_slow
     await filling
     got = [data for _, data, _ in decode(await sub.take())]
     assert got == ["3", "4", "live 0", "live 1", "live 2"]
+
+
+# -------------------------------------------------------------- the writer's sink
+
+
+class Sink:
+    """A subscriber's sink that takes messages while ``open``."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.taken: list[bytes] = []
+        self.at: list[float] = []
+
+    def __call__(self, message: bytes) -> bool:
+        if self.open:
+            self.taken.append(message)
+            self.at.append(asyncio.get_running_loop().time())
+        return self.open
+
+
+async def parked(sub: Subscriber, idle: float | None = None) -> asyncio.Task[list[bytes] | None]:
+    """``sub``'s writer, waiting in ``take()`` with nothing queued."""
+    task = asyncio.create_task(sub.take(idle=idle))
+    await asyncio.sleep(0)  # one turn: the task runs up to its wait
+    assert not task.done()
+    return task
+
+
+async def test_a_message_the_sink_declines_is_not_overtaken() -> None:
+    hub = make_hub()
+    sub = hub.register(1)
+    sub.sink = sink = Sink()
+    writer = await parked(sub)
+    hub.publish("a")  # the writer is idle: written at once, nothing queued
+    assert decode(sink.taken) == [(DATA, "a", 1)]
+    assert sub.queued == 0
+    assert not writer.done()
+    sink.open = False
+    hub.publish("b")  # declined: queued, the writer woken
+    sink.open = True
+    hub.publish("c")  # the sink would take it, but "b" is ahead of it
+    assert decode(await writer) == [(DATA, "b", 2), (DATA, "c", 3)]
+    assert len(sink.taken) == 1
+
+
+async def test_replayed_messages_are_not_overtaken_by_live_ones() -> None:
+    hub = make_hub()
+    sub = hub.register(1)
+    sub.sink = sink = Sink()
+    writer = await parked(sub)
+    sub.replay([encode_message(Kind.DATA, Position("e1", 7), "missed", "")])
+    hub.publish("live")
+    assert [d for _, d, _ in decode(await writer)] == ["missed", "live"]
+    assert sink.taken == []
+
+
+async def test_messages_through_the_sink_keep_the_heartbeat_away() -> None:
+    """A stream kept busy by the sink is not idle: the heartbeat waits a full period
+    after the last of its messages."""
+    hub = make_hub()
+    sub = hub.register(1, control=True)
+    assert decode(await sub.take())[0][0] == ResponseKind.HEARTBEAT  # the opening position
+    sub.sink = sink = Sink()
+    idle = 0.2
+    loop = asyncio.get_running_loop()
+    writer = await parked(sub, idle)
+    ended: list[float] = []
+    writer.add_done_callback(lambda _: ended.append(loop.time()))
+    started = loop.time()
+    async with asyncio.timeout(10):
+        while loop.time() < started + 2 * idle:  # messages for twice the idle period
+            hub.publish("busy")
+            await asyncio.sleep(idle / 8)
+        assert await writer == []
+    assert len(sink.taken) >= 2
+    assert ended[0] >= sink.at[-1] + idle

@@ -441,6 +441,11 @@ async def test_counters_are_read_on_the_event_loop(
     assert manager.readers == [threading.get_ident()]
 
 
+LARGER_THAN_A_WINDOW = "x" * 70_000
+"""An event the peer's 64 KiB window cannot take at once, so it is queued, not written
+straight away as an event for a subscriber that is keeping up would be."""
+
+
 async def test_metrics_count_a_slow_subscriber_cut_off(
     metered: Settings, listener: socket.socket
 ) -> None:
@@ -451,7 +456,7 @@ async def test_metrics_count_a_slow_subscriber_cut_off(
             with pytest.raises(GRPCError) as info:
                 async with subscription(channel, 1) as stream:
                     # no await in between: the writer cannot take the first before the second
-                    manager.publish("first")
+                    manager.publish(LARGER_THAN_A_WINDOW)
                     manager.publish("overflows the queue of one")
                     async with asyncio.timeout(TIMEOUT):
                         while await stream.recv_message() is not None:
@@ -489,7 +494,7 @@ async def test_metrics_count_a_slow_subscriber_reset_under_the_drop_policy(
         ):
             # the opening heartbeat has been taken off the queue once it arrives
             assert (await next_message(stream)).kind == ResponseKind.HEARTBEAT
-            manager.publish("dropped")
+            manager.publish(LARGER_THAN_A_WINDOW)  # dropped
             manager.publish("overflows the queue of one")
             message = await next_message(stream)
             assert (message.kind, message.data) == (

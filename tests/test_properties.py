@@ -17,9 +17,17 @@ from hypothesis import strategies as st
 
 from examples.inventory._proto.inventory import Item
 from longlived import ConfigError, Hub, Position, Response, ResponseKind, load_settings, pack
+from longlived._proto.google.protobuf import Any as ProtoAny
 from longlived._proto.longlived import PublishRequest, Request
 from longlived._status import CallError
-from longlived._wire import check_publish, check_request, decode_request, encode_message
+from longlived._wire import (
+    _strict_class,
+    check_publish,
+    check_request,
+    decode_request,
+    encode_message,
+)
+from longlived.events import Kind
 
 quick = settings(max_examples=200, deadline=None)
 
@@ -54,6 +62,59 @@ def test_any_text_parses_to_a_position_or_none(text: str) -> None:
         assert position.epoch
         assert position.seq >= 0
         assert Position.parse(position.token) == position
+
+
+# ------------------------------------------------------------------------ responses
+
+
+@quick
+@given(
+    kind=st.sampled_from(Kind),
+    epoch=st.text(min_size=1, max_size=20).filter(lambda e: ":" not in e),
+    seq=st.integers(min_value=0, max_value=2**64 - 1),
+    data=st.text(max_size=300),
+    topic=st.text(max_size=40),
+    payload=st.none() | st.tuples(st.text(min_size=1, max_size=40), st.binary(max_size=300)),
+    key=st.text(max_size=40),
+    deleted=st.booleans(),
+)
+def test_responses_are_the_bytes_protobuf_writes(
+    kind: Kind,
+    epoch: str,
+    seq: int,
+    data: str,
+    topic: str,
+    payload: tuple[str, bytes] | None,
+    key: str,
+    deleted: bool,
+) -> None:
+    any_ = ProtoAny(type_url=payload[0], value=payload[1]) if payload else None
+    message = encode_message(
+        kind,
+        Position(epoch, seq),
+        data,
+        topic,
+        bytes(any_) if any_ else b"",
+        key=key,
+        deleted=deleted,
+    )
+    token = "" if kind is Kind.SNAPSHOT else f"{epoch}:{seq}"
+    # protobuf's own encoder (upb), from the descriptor: the same bytes, field for field
+    expected = _strict_class(Response)(
+        data=data, seq=seq, token=token, kind=kind.value, topic=topic, key=key, deleted=deleted
+    )
+    if any_ is not None:
+        expected.payload.type_url, expected.payload.value = any_.type_url, any_.value
+    assert message == expected.SerializeToString(deterministic=True)
+    decoded = Response.FromString(message)
+    assert (decoded.data, decoded.seq, decoded.token, decoded.kind) == (
+        data,
+        seq,
+        token,
+        ResponseKind(kind.value),
+    )
+    assert (decoded.topic, decoded.key, decoded.deleted) == (topic, key, deleted)
+    assert decoded.payload == any_
 
 
 # -------------------------------------------------------------------- request bodies

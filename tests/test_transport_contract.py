@@ -24,7 +24,7 @@ import pytest
 from grpclib.config import Configuration
 from grpclib.protocol import Buffer, Connection, EventsProcessor, H2Protocol
 
-from longlived._transport import _Bucket, _Connection
+from longlived._transport import _Bucket, _Connection, data_frame
 
 
 def test_grpclib_is_0_4() -> None:
@@ -185,6 +185,55 @@ def test_h2_send_data_takes_memoryview_slices_and_frame_sized_pieces() -> None:
     for start in range(0, len(data), step):
         server.send_data(stream_id, data[start : start + step])
     assert server.local_flow_control_window(stream_id) == (1 << 20) - 40_000
+
+
+@pytest.mark.parametrize("end_request", [False, True], ids=["open", "half-closed-remote"])
+def test_data_frame_is_what_h2_send_data_writes(end_request: bool) -> None:
+    """``data_frame`` writes a DATA frame past h2; in the states it accepts, h2's
+    ``send_data`` changes nothing but the two windows, and the bytes are the same."""
+    ours, theirs = (_pair(stream_window=1000, connection_window=1 << 20) for _ in range(2))
+    for client, server, stream_id in (ours, theirs):
+        if end_request:
+            client.send_data(stream_id, b"", end_stream=True)
+            server.receive_data(client.data_to_send())
+        server.send_headers(stream_id, [(":status", "200")])
+        server.data_to_send()
+        server.ping(b"12345678")  # held by h2 when the frame is made: it goes out first
+    _, server, stream_id = ours
+    stream = server.streams[stream_id]
+    message = bytes(range(90))
+    frames = []
+    for _ in range(11):  # ten fit the window of 1000, the eleventh does not
+        frames.append(data_frame(server, stream, b"\x00\x00" + stream_id.to_bytes(4, "big"),
+                                 message))  # fmt: skip
+    assert frames[10] is None
+    _, peer, _ = theirs
+    expected = []
+    for _ in range(10):
+        peer.send_data(stream_id, b"\x00" + len(message).to_bytes(4, "big") + message)
+        expected.append(peer.data_to_send())
+    assert frames[:10] == expected
+    assert server.local_flow_control_window(stream_id) == peer.local_flow_control_window(stream_id)
+    assert server.outbound_flow_control_window == peer.outbound_flow_control_window
+    assert stream.state_machine.state == peer.streams[stream_id].state_machine.state
+
+
+def test_data_frame_leaves_h2_alone_once_it_may_not_send() -> None:
+    _, server, stream_id = _pair(stream_window=1 << 20, connection_window=1 << 20)
+    server.send_headers(stream_id, [(":status", "200")])
+    stream = server.streams[stream_id]
+    tail = b"\x00\x00" + stream_id.to_bytes(4, "big")
+    server.close_connection()  # GOAWAY sent: h2's send_data would raise
+    window = server.outbound_flow_control_window
+    assert data_frame(server, stream, tail, b"x") is None
+    assert server.outbound_flow_control_window == window
+    _, server2, stream_id2 = _pair(stream_window=1 << 20, connection_window=1 << 20)
+    server2.send_headers(stream_id2, [(":status", "200")], end_stream=True)  # trailers out
+    assert data_frame(server2, server2.streams[stream_id2], tail, b"x") is None
+    _, server3, stream_id3 = _pair(stream_window=1 << 20, connection_window=1 << 20)
+    server3.send_headers(stream_id3, [(":status", "200")])
+    big = bytes(server3.max_outbound_frame_size)  # with its prefix, more than one frame
+    assert data_frame(server3, server3.streams[stream_id3], tail, big) is None
 
 
 def test_h2_local_settings_can_be_raised_before_the_peer_acknowledges() -> None:
