@@ -341,9 +341,8 @@ class SubscribeCall(_Call):
                 sub.sink = self._direct
                 while (batch := await sub.take(idle=heartbeat)) is not None:
                     # an abort leaves the rest unwritten; take() then reports the end
-                    host.messages_sent += await transport.write(
-                        batch or [host.hub.heartbeat()], sub.aborted
-                    )
+                    sent = await transport.write(batch or [host.hub.heartbeat()], sub.aborted)
+                    host.messages_sent += sent  # after the await: direct writes count meanwhile
         finally:
             sub.sink = None
             if age is not None:

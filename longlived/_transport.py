@@ -101,12 +101,54 @@ skipped); below it, ``ConnectionLimits.max_metadata_size`` fails just the one st
 
 _PREFIX = struct.Struct(">?I").pack
 
+
+class _Values(list[int]):
+    """A setting's values in h2's ``Settings`` (the current one, then those awaiting the
+    peer's ACK): the ``deque`` operations h2 uses, on a list. An empty deque takes about
+    600 bytes, and h2 keeps fourteen per connection."""
+
+    __slots__ = ()
+
+    def popleft(self) -> int:
+        return self.pop(0)
+
+
+class _Drained:
+    """A server stream's receive buffer once its one request is read: what else the peer
+    sends is not read, only counted, so that releasing the stream acknowledges it, as
+    grpclib's ``Buffer`` (an ``asyncio.Queue``, about 3 KB) would."""
+
+    __slots__ = ("_eof", "_unacked")
+
+    def __init__(self, *, eof: bool, unacked: int) -> None:
+        self._eof = eof
+        self._unacked = unacked
+
+    def add(self, data: bytes, ack_size: int) -> None:
+        self._unacked += ack_size
+
+    def eof(self) -> None:
+        self._eof = True
+
+    def unacked_size(self) -> int:
+        unacked, self._unacked = self._unacked, 0
+        return unacked
+
+    async def read(self, size: int) -> bytes:
+        return b""
+
+
+_UNUSED = asyncio.Event()
+"""Stands in for a server stream's ``headers_received`` and ``trailers_received``, which
+only a client waits on: two fewer events per stream."""
+
 _SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 """h2 stream states in which sending DATA changes nothing but the windows."""
 
-_framed: list[bytes] = [b"", b""]
-"""The last message ``try_write`` framed, and that framing: a fan-out sends the same
-message object to every subscriber, so it is framed once."""
+_framed: tuple[bytes, bytes] = (b"", b"")
+"""The last message ``data_frame`` framed, and that framing: a fan-out sends the same
+message object to every subscriber, so it is framed once. Replaced whole, never changed,
+so servers on two threads can only miss it, never mix two messages."""
 
 
 class Servable(Protocol):
@@ -326,6 +368,7 @@ class _Handler(grpclib.server.Handler):
                              f"on this connection (limit {self.limits.max_pending})")  # fmt: skip
                 return
         incomplete.add(stream)
+        stream.headers_received = stream.trailers_received = _UNUSED
 
         def release() -> None:
             incomplete.discard(stream)
@@ -425,6 +468,8 @@ class _Protocol(H2Protocol):
         # dropped for a large header). Raising our own limits at once is safe.
         h2_conn.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS][0] = limit
         h2_conn.decoder.max_header_list_size = _HEADER_LIST_HARD_LIMIT
+        for settings in (h2_conn.local_settings, h2_conn.remote_settings):
+            settings._settings = {code: _Values(v) for code, v in settings._settings.items()}  # type: ignore[misc]  # typed as deques; h2 calls only what _Values has
         self.connection.flush()
         self.registry.add(self)
         self.idle.clear()
@@ -490,9 +535,11 @@ def data_frame(h2_conn: Any, stream: Any, tail: bytes, message: bytes) -> bytes 
     all that ``send_data`` changes. ``tail``: the frame header after its length (type,
     flags, stream id). ``tests/test_transport_contract.py`` holds it to h2's own output.
     """
+    global _framed
     size = len(message) + 5
     if (
-        size > h2_conn.outbound_flow_control_window
+        size > WRITE_CAP  # a larger one goes out in pieces, readiness checked before each
+        or size > h2_conn.outbound_flow_control_window
         or size > stream.outbound_flow_control_window
         or size > h2_conn.max_outbound_frame_size
         or stream.state_machine.state not in _SENDING
@@ -501,7 +548,7 @@ def data_frame(h2_conn: Any, stream: Any, tail: bytes, message: bytes) -> bytes 
         return None
     framed = _framed
     if framed[0] is not message:
-        framed[0], framed[1] = message, _PREFIX(False, len(message)) + message
+        _framed = framed = (message, _PREFIX(False, len(message)) + message)
     stream.outbound_flow_control_window -= size
     h2_conn.outbound_flow_control_window -= size
     frame = size.to_bytes(3, "big") + tail + framed[1]
@@ -596,12 +643,20 @@ class StreamCall:
         if not await self._ready(abort):
             return False
         await self._stream.send_initial_metadata(metadata=metadata)
+        # a server-streaming call has read its one request: its buffer is not needed again
+        buffer = self._proto.buffer
+        self._proto.buffer = _Drained(  # type: ignore[assignment]  # what grpclib calls
+            eof=buffer._eof, unacked=buffer.unacked_size()
+        )
         stream_id = self._proto.id
         assert stream_id is not None
         self._h2_stream = self._h2.streams.get(stream_id)
         # a DATA frame's header after its 3-byte length: type 0, no flags, the stream id
         self._tail = b"\x00\x00" + stream_id.to_bytes(4, "big")
         self._direct = self._h2_stream is not None and not self._listening("send_message")
+        # what the writer knows of the window when it first writes: messages that went out
+        # at once never passed through _room(), which learns it
+        self._peak = max(self._peak, int(self._h2.local_flow_control_window(stream_id)))
         return True
 
     def try_write(self, message: bytes) -> bool:

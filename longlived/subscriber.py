@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -46,19 +45,22 @@ class Gap:
 
 
 class Subscriber:
-    """One open subscription: id, topics, a bounded queue of encoded messages, an end."""
+    """One open subscription: id, topics, a bounded queue of encoded messages, an end.
+
+    Thousands are held for days, mostly idle: the queue is a plain list, and the writer's
+    wake-up and the abort event are made only when someone waits on them.
+    """
 
     __slots__ = (
+        "_aborted",
         "_allowance",
         "_direct_at",
         "_flush_timer",
         "_parked",
         "_queue",
-        "_wake",
-        "aborted",
+        "_waiter",
         "control",
         "end_reason",
-        "ended",
         "gap",
         "id",
         "limit",
@@ -92,15 +94,10 @@ class Subscriber:
         """It follows the keyed state: a lost position gets a fresh snapshot, not RESET."""
         self.end_reason: EndReason | None = None
         """Why its stream ended (None while it is open)."""
-        self.ended = asyncio.Event()
-        """Set once the subscription has ended."""
-        self.aborted = asyncio.Event()
-        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
-        flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
-        on the peer races it."""
-        self._queue: deque[bytes] = deque()
+        self._aborted: asyncio.Event | bool = False  # an Event once someone asked for it
+        self._queue: list[bytes] = []
         self._allowance = 0  # replayed messages still queued: they do not count as lag
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the writer's wake-up, in take()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._parked = False  # its writer waits in take() with nothing queued
         self._direct_at = 0.0  # when a message last went out through the sink
@@ -113,6 +110,20 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"<Subscriber id={self.id} queued={len(self._queue)} end={self.end_reason}>"
+
+    @property
+    def aborted(self) -> asyncio.Event:
+        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
+        flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
+        on the peer races it."""
+        aborted = self._aborted
+        if isinstance(aborted, asyncio.Event):
+            return aborted
+        event = asyncio.Event()
+        if aborted:
+            event.set()
+        self._aborted = event
+        return event
 
     @property
     def queued(self) -> int:
@@ -138,21 +149,21 @@ class Subscriber:
                 return
             self._parked = False  # what follows queues behind it, in order
         self._queue.append(message)
-        self._wake.set()
+        self._wake()
 
     def replay(self, messages: list[bytes], *, first: bool = False) -> None:
         """Queue missed messages beyond the live bound; ``first``: ahead of what is queued."""
         if first:
-            self._queue.extendleft(reversed(messages))
+            self._queue[:0] = messages
         else:
-            self._queue.extend(messages)
+            self._queue += messages
         self._allowance += len(messages)
         self._parked = False  # live messages now queue behind these
-        self._wake.set()
+        self._wake()
 
     def drop_all(self) -> None:
         """Discard everything queued."""
-        self._queue.clear()
+        self._queue = []
         self._allowance = 0
 
     def end(self, reason: EndReason, *, flush_timeout: float | None = None) -> None:
@@ -172,8 +183,7 @@ class Subscriber:
             elif flush_timeout is not None:
                 loop = asyncio.get_running_loop()
                 self._flush_timer = loop.call_later(flush_timeout, self.abort)
-            self.ended.set()
-            self._wake.set()
+            self._wake()
 
     def close(self) -> None:
         """The stream has finished: cancel the pending flush deadline, if any."""
@@ -184,8 +194,16 @@ class Subscriber:
     def abort(self) -> None:
         """Abandon whatever is still queued (an unsubscribed peer that does not read)."""
         self.drop_all()
-        self.aborted.set()
-        self._wake.set()
+        if isinstance(self._aborted, asyncio.Event):
+            self._aborted.set()
+        else:
+            self._aborted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def take(self, idle: float | None = None) -> list[bytes] | None:
         """Wait for queued messages and take them all.
@@ -197,27 +215,28 @@ class Subscriber:
         while not self._queue:
             if self.end_reason is not None:
                 return None
-            self._wake.clear()
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
             self._parked = True
             try:
                 if idle is None:
-                    await self._wake.wait()
-                elif await self._idle(idle):
+                    await waiter
+                elif await self._idle(waiter, idle):
                     return []
             finally:
                 self._parked = False
-        batch = list(self._queue)
-        self._queue.clear()
+                self._waiter = None
+        batch = self._queue
+        self._queue = []
         self._allowance = max(0, self._allowance - len(batch))
         return batch
 
-    async def _idle(self, idle: float) -> bool:
-        """Wait for a wake-up; True if ``idle`` seconds passed with nothing sent first."""
+    async def _idle(self, waiter: asyncio.Future[None], idle: float) -> bool:
+        """Wait for ``waiter``; True if ``idle`` seconds passed with nothing sent first."""
         deadline = time.monotonic() + idle
         while True:
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
-                    await self._wake.wait()
+                    await waiter
                 return False
             except TimeoutError:
                 if self._queue or self.end_reason is not None:
@@ -225,3 +244,5 @@ class Subscriber:
                 deadline = self._direct_at + idle  # messages went out meanwhile: not idle
                 if deadline <= time.monotonic():
                     return True
+                # the timeout cancelled the wake-up: wait on a new one
+                self._waiter = waiter = asyncio.get_running_loop().create_future()

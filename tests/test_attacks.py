@@ -24,6 +24,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from longlived import (
     AuthSettings,
+    EndReason,
     KeepaliveSettings,
     LimitSettings,
     ReplaySettings,
@@ -168,6 +169,35 @@ async def test_events_written_at_once_keep_to_a_small_window_and_to_their_order(
             messages.append(Response.FromString(data[5 : 5 + size]).data)
             data = data[5 + size :]
         assert messages == [f"{n:03}" + "x" * 60 for n in range(40)]
+    finally:
+        peer.close()
+
+
+async def test_a_stream_ended_after_direct_writes_gets_its_status_not_a_reset(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """Events that went out at once never taught the writer the window's size: the first
+    one it wrote was split at a small window, and an end then reset the stream."""
+    reader, writer = await asyncio.open_connection(quiet.host, quiet.port)
+    peer = H2Peer(reader, writer)
+    peer.h2.initiate_connection()
+    peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1_000})
+    try:
+        stream_id = peer.open(request_headers(), grpc_body(Request(id=1)))  # the seed's
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            await peer.read_until(h2.events.ResponseReceived, stream_id=stream_id)
+        sub = server.hub.get(1)
+        assert sub is not None
+        for n in range(4):  # three go out at once; the fourth finds 85 bytes of window
+            server.publish(f"{n}" + "x" * 298)
+            await asyncio.sleep(0)  # the woken writer runs first: it holds the fourth
+        assert sub.queued == 0
+        server.hub.end_subscriber(sub, EndReason.MAX_AGE)
+        async with asyncio.timeout(TIMEOUT):
+            status = await peer.status(stream_id)
+        assert status == (Status.UNAVAILABLE.value, "max connection age reached")
+        assert not any(isinstance(e, h2.events.StreamReset) for e in peer.events)
     finally:
         peer.close()
 

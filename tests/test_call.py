@@ -187,6 +187,39 @@ async def test_events_for_an_idle_writer_go_out_at_once_and_declined_ones_queue_
     assert server.messages_sent == 3
 
 
+class GatedTransport(FakeTransport):
+    """``write()`` waits for ``gate``: a peer whose window is closed."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(request)
+        self.gate = asyncio.Event()
+        self.blocked = asyncio.Event()
+
+    async def write(self, messages: Sequence[bytes], abort: asyncio.Event) -> int:
+        self.blocked.set()
+        await self.gate.wait()
+        return await super().write(messages, abort)
+
+
+async def test_messages_written_at_once_count_while_another_writer_waits() -> None:
+    """``messages_sent += await write()`` read the counter before the wait and lost every
+    direct write made meanwhile: the Prometheus counter went backwards."""
+    server = host()
+    slow, fast = GatedTransport(Request(id=1)), FakeTransport(Request(id=2))
+    fast.direct = True
+    async with running_call(server, slow), running_call(server, fast):
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: {1, 2} <= set(server.subscribers))
+            server.send(1, "for the slow one")  # declined: queued, its writer then waits
+            await slow.blocked.wait()
+            for n in range(10):
+                server.send(2, f"direct {n}")
+            assert fast.direct_writes == 10
+            slow.gate.set()
+            await slow.until_data(1)
+    assert server.messages_sent == 11
+
+
 async def test_ownership_outlives_the_owners_stream_while_her_events_can_be_replayed() -> None:
     server = host(auth=AuthSettings(tokens=TOKENS))
     alice = FakeTransport(Request(id=7), token="tok-a")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 from typing import Any
 
 import grpclib
 import grpclib.client
 import grpclib.events
+import grpclib.protocol
 import grpclib.server
 import h2.config
 import h2.connection
@@ -24,7 +26,15 @@ import pytest
 from grpclib.config import Configuration
 from grpclib.protocol import Buffer, Connection, EventsProcessor, H2Protocol
 
-from longlived._transport import _Bucket, _Connection, data_frame
+from longlived._transport import (
+    WRITE_CAP,
+    _Bucket,
+    _Connection,
+    _Drained,
+    _Handler,
+    _Values,
+    data_frame,
+)
 
 
 def test_grpclib_is_0_4() -> None:
@@ -234,6 +244,48 @@ def test_data_frame_leaves_h2_alone_once_it_may_not_send() -> None:
     server3.send_headers(stream_id3, [(":status", "200")])
     big = bytes(server3.max_outbound_frame_size)  # with its prefix, more than one frame
     assert data_frame(server3, server3.streams[stream_id3], tail, big) is None
+
+
+def test_data_frame_leaves_a_message_over_the_write_cap_to_the_writer() -> None:
+    """A peer may allow 16 MiB frames and windows: one direct write of a whole large event
+    would let a peer that stops reading hold it all in our buffers."""
+    client, server, stream_id = _pair(stream_window=1 << 24, connection_window=1 << 24)
+    client.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: (1 << 24) - 1})
+    server.receive_data(client.data_to_send())
+    server.send_headers(stream_id, [(":status", "200")])
+    tail = b"\x00\x00" + stream_id.to_bytes(4, "big")
+    assert server.max_outbound_frame_size > WRITE_CAP
+    assert data_frame(server, server.streams[stream_id], tail, bytes(WRITE_CAP)) is None
+    assert data_frame(server, server.streams[stream_id], tail, bytes(WRITE_CAP - 5))
+
+
+def test_h2_settings_work_on_values_in_lists() -> None:
+    """``_Protocol`` swaps the deques of h2's ``Settings`` for ``_Values`` lists."""
+    client, server, _ = _pair(stream_window=65_535, connection_window=65_535)
+    for settings in (server.local_settings, server.remote_settings):
+        settings._settings = {code: _Values(v) for code, v in settings._settings.items()}
+    code = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+    server.update_settings({code: 1_000, h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+    assert server.local_settings.initial_window_size == 65_535  # until the peer's ACK
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    assert server.local_settings.initial_window_size == 1_000
+    assert server.local_settings.max_concurrent_streams == 7
+    client.update_settings({code: 5_000})
+    server.receive_data(client.data_to_send())
+    assert server.remote_settings.initial_window_size == 5_000
+    assert all(type(v) is _Values for v in server.local_settings._settings.values())
+
+
+def test_a_server_stream_buffer_is_used_through_add_eof_unacked_size_and_read() -> None:
+    """``StreamCall.start`` swaps a subscription's buffer for ``_Drained``, which has these."""
+    source = inspect.getsource(grpclib.protocol)
+    assert set(re.findall(r"\.buffer\.(\w+)", source)) == {"add", "eof", "unacked_size", "read"}
+    assert "buffer._eof" in inspect.getsource(_Handler.accept)  # ours: the admission count
+    drained = _Drained(eof=False, unacked=10)
+    drained.add(b"more", 4)
+    drained.eof()
+    assert (drained._eof, drained.unacked_size(), drained.unacked_size()) == (True, 14, 0)
 
 
 def test_h2_local_settings_can_be_raised_before_the_peer_acknowledges() -> None:
