@@ -14,7 +14,7 @@ from tests.prove.soak import ENDINGS, soak
 
 @pytest.mark.timeout(180)
 async def test_cycles_and_a_stream_leave_the_server_as_it_was() -> None:
-    run = await soak(cycles=2_000, events=3_000, workers=16, warm_up=1_000)
+    run = await soak(cycles=2_000, events=3_000, workers=16, warm_up=1_000, history=10_000)
     assert run.problems() == []
     cycles, stream = run.phases
     assert sum(cycles.outcomes[ending] for ending in ENDINGS) == 2_000

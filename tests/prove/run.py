@@ -43,7 +43,7 @@ async def run_soak(args: argparse.Namespace) -> int:
     print(banner("soak"), flush=True)
     result = await soak(
         cycles=args.cycles, events=args.events, rate=args.rate, size=args.size,
-        clients=args.clients, workers=args.workers, seed=args.seed,
+        clients=args.clients, workers=args.workers, history=args.history, seed=args.seed,
     )  # fmt: skip
     print("| phase | count | seconds | per second | outcomes |")
     print("|---|---|---|---|---|")
@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--size", type=int, default=100, help="bytes of padding per event")
     s.add_argument("--clients", type=int, default=2, help="subscribers of the stream")
     s.add_argument("--workers", type=int, default=32, help="concurrent cycling connections")
+    s.add_argument("--history", type=int, default=100_000, help="server replay.size")
     s.add_argument("--seed", type=int, default=1)
     lo = commands.add_parser("load", help="concurrent subscribers receive a broadcast")
     lo.add_argument("--subscribers", type=int, default=10_000)

@@ -217,8 +217,8 @@ class _Cycler:
 async def churn(
     settings: Settings, token: str, phase: Phase, *, count: int, workers: int, seed: int
 ) -> None:
-    """``count`` cycles over ``workers`` connections; each worker renews its connection
-    every ~500 cycles besides the ``disconnect`` endings."""
+    """``count`` cycles over ``workers`` connections; the worker whose cycle number is a
+    multiple of 500 renews its connection after it (besides the ``disconnect`` endings)."""
     rng = random.Random(seed)
     plan = iter([(n + 1, rng.choice(ENDINGS)) for n in range(count)])
 
@@ -305,7 +305,7 @@ async def soak(
     size: int = 100,
     clients: int = 2,
     workers: int = 32,
-    history: int = 10_000,
+    history: int = 100_000,
     rss_slack_kb: int = 8_192,
     objects_slack: int = 1_000,
     period: float = 2.0,
