@@ -39,3 +39,16 @@ demo *ARGS:
 # RUNS runs each, one line of figures per kind.
 chaos RUNS="5":
     python -m tests.chaos.run --runs {{RUNS}}
+
+# Soak: 100,000 subscribe/unsubscribe cycles and a week of a 1/s feed at 5,000 events/s;
+# the server's RSS, fds and tasks back to baseline. Flags: `just soak --cycles 2000`.
+soak *ARGS:
+    python -m tests.prove.run soak {{ARGS}}
+
+# Load: 10,000 concurrent subscribers receive broadcasts: time to open, latency, KB each.
+load *ARGS:
+    python -m tests.prove.run load {{ARGS}}
+
+# Fuzz: 20,000 seeded hostile cases against the port while a canary receives (`--seed N`).
+fuzz *ARGS:
+    python -m tests.prove.run fuzz {{ARGS}}

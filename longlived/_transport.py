@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -51,6 +52,7 @@ from grpclib.protocol import Connection, H2Protocol
 from grpclib.protocol import Stream as H2Stream
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.events import UnknownFrameReceived
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.exceptions import StreamClosedError as H2StreamClosedError
 from h2.settings import SettingCodes
@@ -289,10 +291,14 @@ class _Connection(Connection):
 
     def feed(self, data: bytes) -> list[Any]:
         try:
-            return super().feed(data)
+            events = super().feed(data)
         except H2ProtocolError as exc:
             log.warning("Closing the connection from %s: not valid HTTP/2 (%s)", self.peer, exc)
+            self.flush()  # the GOAWAY with the error's code that h2 queued (RFC 9113 5.4.1)
             raise
+        # RFC 9113 5.5: frames of unknown types are ignored (grpclib has no processor for
+        # them: the connection would be dropped with a traceback)
+        return [event for event in events if not isinstance(event, UnknownFrameReceived)]
 
     @property
     def peer(self) -> str:
@@ -351,7 +357,9 @@ class _Handler(grpclib.server.Handler):
             return
         path = next((value for name, value in headers if name == ":path"), "")
         if path not in self.mapping:  # grpclib's own answer lacks a content-type
-            self._refuse(stream, release_stream, f"no method {path[:200]}", Status.UNIMPLEMENTED)
+            # quoted: a path that is empty or ends in a space must not end the grpc-message
+            # in whitespace, which HTTP/2 forbids
+            self._refuse(stream, release_stream, f"no method {path[:200]!r}", Status.UNIMPLEMENTED)
             return
         size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 7541 size
         if size > self.limits.max_metadata_size:
@@ -375,6 +383,27 @@ class _Handler(grpclib.server.Handler):
             release_stream()
 
         super().accept(stream, headers, release)
+        task = self._tasks.get(stream)
+        if task is not None:
+            task.add_done_callback(functools.partial(self._ended, stream))
+
+    def _ended(self, stream: H2Stream, task: asyncio.Task[None]) -> None:
+        """Forget a finished stream at once: grpclib does it only at the connection's tenth
+        next stream, and forgets a closed connection's handler (every stream it served)
+        only at the server's tenth next connection."""
+        if self._tasks.get(stream) is task:
+            del self._tasks[stream]
+        self._cancelled.discard(task)
+        if self.closing and not self._tasks and not self._cancelled:
+            self.forget(self)
+
+    def forget(self, handler: _Handler) -> None:
+        """Called once the connection is closed and every task of it has finished."""
+
+    def close(self) -> None:
+        super().close()
+        if not self._tasks and not self._cancelled:
+            self.forget(self)
 
     def admitted(self, stream: H2Stream) -> None:
         """``stream``'s request has been read and accepted."""
@@ -978,11 +1007,16 @@ class GrpcServer(grpclib.server.Server):
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)
+        handler.forget = self._forget  # type: ignore[method-assign]  # set per instance
         proto = _Protocol(handler, self._config, self._h2_config)
         proto.limits = self._limits
         proto.registry = self._protocols
         proto.idle = self._idle
         return proto
+
+    def _forget(self, handler: _Handler) -> None:
+        # a new set, as grpclib's own __gc_collect__ makes: close() may be iterating this one
+        self._handlers = self._handlers - {handler}
 
     @property
     def address(self) -> tuple[str, int] | None:

@@ -142,7 +142,8 @@ class WatchCache(Generic[M]):
 
     async def wait_synced(self) -> None:
         """Wait until the first snapshot is applied. Unbounded by itself: wrap it in
-        ``asyncio.timeout``.
+        ``asyncio.timeout``. An iteration of ``changes()`` begun as soon as it returns
+        (no other await in between) sees every change after the snapshot.
 
         Raises:
             SubscriptionClosed: the server ended the subscription first, with a status that
@@ -192,7 +193,13 @@ class WatchCache(Generic[M]):
             while not self.client.closed:  # closed before it began: nothing to follow
                 try:
                     async for response in self.client:
+                        first = not self._synced.is_set()
                         self._receive(response)
+                        if first and self._synced.is_set():
+                            # changes may have come in the same read as SYNCED: whoever
+                            # waited for the sync runs before the next is applied, so a
+                            # changes() begun right after wait_synced() misses none
+                            await asyncio.sleep(0)
                     return
                 except ResumeExpired:  # a server that sends RESET anyway: start afresh
                     self.client.forget_position()

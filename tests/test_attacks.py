@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import h2.errors
 import h2.events
@@ -34,7 +36,7 @@ from longlived import (
     SubscriptionManager,
 )
 from longlived._transport import WRITE_CAP
-from tests.h2peer import H2Peer, grpc_body, request_headers
+from tests.h2peer import H2Peer, RawPeer, frame, grpc_body, header_frames, request_headers
 from tests.helpers import Subscription, channel_for, receive, running, subscription
 
 TIMEOUT = 20
@@ -56,6 +58,17 @@ async def numbered(server: SubscriptionManager, stream: Subscription, count: int
     for n in range(count):
         server.publish(str(n))
         assert await receive(stream, 1, timeout=TIMEOUT) == [str(n)]
+
+
+async def stack_subscription(channel: Channel, id: int) -> Subscription:
+    """A registered subscription left open (the test's channel closes it)."""
+    stream = channel.request(
+        "/longlived.Longlived/Subscribe", Cardinality.UNARY_STREAM, Request, Response
+    )
+    await stream.__aenter__()
+    await stream.send_message(Request(id=id), end=True)
+    await stream.recv_initial_metadata()
+    return stream
 
 
 async def refusal(channel: Channel, request: Request | None, **metadata: str) -> GRPCError:
@@ -519,3 +532,111 @@ async def test_a_peer_that_shrinks_its_windows_still_gets_a_large_event(
         assert b"x" * 100_000 in received
     finally:
         peer.close()
+
+
+# ------------------------------------------------------------------ found by the fuzz run
+
+
+async def test_frames_of_unknown_types_are_ignored(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """RFC 9113 5.5: unknown frame types (PRIORITY_UPDATE, ORIGIN, extensions) must be
+    ignored. grpclib had no processor for them and dropped the connection with a traceback."""
+    peer = await RawPeer.connect(quiet)
+    try:
+        peer.write(frame(0x10, 0, b"\x00\x00\x00\x01u=1") + frame(0xFA, 1, b"anything"))
+        peer.write(header_frames(1, request_headers()) + frame(0x0, 1, grpc_body(Request(id=1)),
+                                                               flags=0x1))  # fmt: skip
+        async with asyncio.timeout(TIMEOUT):
+            assert await peer.until(lambda p: 1 in p.headers), "the connection was dropped"
+        assert peer.status(1) is None  # the subscription opened
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: server.subscribers == [1])
+    finally:
+        peer.close()
+
+
+async def test_a_connection_error_is_told_with_goaway_and_its_code(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """RFC 9113 5.4.1: a connection error gets GOAWAY with its code; the connection used to
+    be closed with the GOAWAY h2 had queued left unsent."""
+    peer = await RawPeer.connect(quiet)
+    try:
+        peer.write(frame(0x4, 0, struct.pack(">HI", 0x4, 2**31)))  # INITIAL_WINDOW_SIZE 2^31
+        async with asyncio.timeout(TIMEOUT):
+            await peer.until(lambda p: p.goaway() is not None)
+        goaway = peer.goaway()
+        assert goaway is not None, "closed without GOAWAY"
+        assert goaway.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("path", ["", "/no.Such/Method "])
+async def test_an_unknown_method_is_refused_with_a_status_a_client_can_read(
+    server: SubscriptionManager, quiet: Settings, path: str
+) -> None:
+    """The refusal named the path as it came: an empty one, or one ending in a space, made
+    ``grpc-message`` end in whitespace, which HTTP/2 forbids (h2 clients reject it)."""
+    peer = await RawPeer.connect(quiet)
+    try:
+        peer.write(header_frames(1, request_headers(path), end_stream=True))
+        async with asyncio.timeout(TIMEOUT):
+            await peer.until(lambda p: p.status(1) is not None)
+        assert peer.status(1) == Status.UNIMPLEMENTED.value
+        message = peer.headers[1][b"grpc-message"]
+        assert message == message.strip()
+        assert unquote(message.decode()) == f"no method {path!r}"
+    finally:
+        peer.close()
+
+
+async def test_the_streams_of_an_open_connection_are_forgotten_when_they_end(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """grpclib forgot a finished stream's task only at the connection's tenth next stream:
+    a connection that stays open after many streams ended kept every one of them."""
+    channel = channel_for(quiet)
+    try:
+        streams = [await stack_subscription(channel, id) for id in range(30)]
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: len(server.subscribers) == 30)
+        for id in range(30):
+            await server.unsubscribe(Request(id=id))
+        for stream in streams:
+            async with asyncio.timeout(TIMEOUT):
+                assert await stream.recv_message() is None  # ended with OK
+        assert server._server is not None
+        (handler,) = server._server._handlers
+        if handler._tasks:
+            async with asyncio.timeout(TIMEOUT):
+                await asyncio.wait(list(handler._tasks.values()))
+        await asyncio.sleep(0)  # the handler's own callbacks, scheduled as its tasks ended
+        assert handler._tasks == {}
+    finally:
+        channel.close()
+
+
+async def test_a_closed_connection_is_forgotten_with_its_streams(
+    server: SubscriptionManager, quiet: Settings
+) -> None:
+    """grpclib forgot a closed connection's handler (and every stream it had served) only
+    at the server's tenth next connection: an idle server kept the last ones for ever."""
+    peer = await H2Peer.connect(quiet)
+    try:
+        for id in range(50):
+            peer.open(request_headers(), grpc_body(Request(id=id)))
+        await peer.flush()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_for(lambda: len(server.subscribers) == 50)
+    finally:
+        peer.close()
+    async with asyncio.timeout(TIMEOUT):
+        await server.wait_for(lambda: not server.subscribers)
+    assert server._server is not None
+    for handler in list(server._server._handlers):
+        async with asyncio.timeout(TIMEOUT):
+            await handler.wait_closed()
+    await asyncio.sleep(0)  # the handler's own callbacks, scheduled as its tasks ended
+    assert server._server._handlers == set()

@@ -48,15 +48,20 @@ class Child:
         self.records: list[dict[str, object]] = []
         self.times: list[float] = []
         self._changed = asyncio.Event()
+        self._asked = 0
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def start(cls, *args: str) -> Child:
+    async def start(
+        cls, *args: str, module: str = "tests.chaos.roles", control: bool = False
+    ) -> Child:
+        """Start ``python -m module args``; ``control``: it reads commands on stdin (``ask``)."""
         fd, name = tempfile.mkstemp(prefix="longlived-chaos-", suffix=".log")
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.chaos.roles", *args,
-                stdout=asyncio.subprocess.PIPE, stderr=fd,
+                sys.executable, "-m", module, *args,
+                stdin=asyncio.subprocess.PIPE if control else None,
+                stdout=asyncio.subprocess.PIPE, stderr=fd, limit=1 << 24,
             )  # fmt: skip
         finally:
             os.close(fd)
@@ -80,6 +85,21 @@ class Child:
                 )
             self._changed.clear()
             await self._changed.wait()
+
+    async def ask(self, op: str, **args: object) -> dict[str, object]:
+        """Send the command ``op`` as a JSON line on its stdin; its answer, the record
+        carrying the command's number as ``re`` (commands may be answered out of order).
+        Unbounded by itself: the caller bounds it."""
+        assert self.proc.stdin is not None, "started without control=True"
+        self._asked += 1
+        number = self._asked
+        self.proc.stdin.write((json.dumps({"op": op, "id": number, **args}) + "\n").encode())
+        await self.proc.stdin.drain()
+        await self.wait_for(lambda records: any(r.get("re") == number for r in records))
+        answer = next(r for r in self.records if r.get("re") == number)
+        if "error" in answer:
+            raise AssertionError(f"{op} failed in the child: {answer['error']}")
+        return answer
 
     def send(self, signum: int) -> None:
         if self.proc.returncode is None:
