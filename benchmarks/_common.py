@@ -1,12 +1,12 @@
-"""What the benchmark's processes share: the pipe protocol, grpcio stubs, the event payload.
+"""What the benchmark's processes share: pipes, pinning, limits, grpcio stubs, payloads.
 
-The orchestrator (``fanout.py``) talks to each child process over a ``multiprocessing``
-pipe: it sends a command tuple, the child answers with a tuple. Children wait for commands
-with ``receive``, which watches the pipe from the event loop (no helper thread), so a child
-that waits costs no CPU and a trial's CPU accounting stays clean.
+The orchestrator (``run.py``) talks to each child process over a ``multiprocessing`` pipe:
+it sends a command tuple, the child answers with a tuple. Children wait for commands with
+``receive``, which watches the pipe from the event loop (no helper thread), so a child that
+waits costs no CPU and a trial's CPU accounting stays clean.
 
 Only the standard library is imported here: children import what their side needs, so the
-process that runs our server never loads grpcio.
+process that runs longlived's server never loads grpcio.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.resources
+import logging
+import os
+import resource
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,10 +28,17 @@ __all__ = [
     "PROTO",
     "SUBSCRIBE",
     "Stubs",
+    "child_setup",
     "generate_stubs",
     "load_stubs",
+    "numbered",
+    "parse_numbered",
+    "parse_stamped",
     "payload",
+    "raise_nofile",
     "receive",
+    "rss_kb",
+    "stamped",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,9 +85,83 @@ def load_stubs(out: Path) -> Stubs:
     return Stubs(messages=messages, services=services)
 
 
+# ----------------------------------------------------------------------------- payloads
+# Every server sends the same Response fields (data, seq, token), so the same bytes per
+# message; ``data`` is one of these, padded to the run's ``--size`` characters.
+
+
 def payload(index: int, size: int) -> str:
-    """The data of event ``index``: its number, padded to ``size`` characters."""
+    """The data of fanout event ``index``: its number, padded to ``size`` characters."""
     return f"{index:08d}".ljust(size, "x")
+
+
+def stamped(index: int, stamp_ns: int, size: int) -> str:
+    """Latency event ``index``, published at ``stamp_ns`` (``time.monotonic_ns()``)."""
+    return f"{index:08d}:{stamp_ns:020d}".ljust(size, "x")
+
+
+def parse_stamped(data: str) -> int:
+    """The publish stamp of a ``stamped`` payload."""
+    return int(data[9:29])
+
+
+def numbered(generation: int, index: int, size: int) -> str:
+    """Reconnect event ``index`` of server ``generation`` (0 before the restart, 1 after)."""
+    return f"{generation}:{index:08d}".ljust(size, "x")
+
+
+def parse_numbered(data: str) -> tuple[int, int]:
+    """(generation, index) of a ``numbered`` payload."""
+    return int(data[0]), int(data[2:10])
+
+
+# ------------------------------------------------------------------------ process setup
+
+
+def child_setup(cpu: int | None) -> dict[str, Any]:
+    """First thing in every child: pin it to ``cpu``, raise its file limit, quiet logs.
+
+    Returns what was achieved (recorded in the results): the CPUs the process may run on
+    and its open-file limit. Pinning is done before grpcio or asyncio start threads, and
+    every thread already running is pinned too, so all threads inherit it.
+    """
+    pinned: list[int] | None = None
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, {cpu})
+            for task in os.listdir("/proc/self/task"):
+                os.sched_setaffinity(int(task), {cpu})
+        except OSError as exc:
+            print(f"benchmark child: could not pin to CPU {cpu}: {exc}", file=sys.stderr)
+    if hasattr(os, "sched_getaffinity"):
+        pinned = sorted(os.sched_getaffinity(0))
+    # retries and disconnects are expected in these runs (restarts, closing 10,000 streams)
+    logging.getLogger("longlived").setLevel(logging.ERROR)
+    logging.getLogger("grpclib").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return {"cpus": pinned, "nofile": raise_nofile()}
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return int(soft if soft != resource.RLIM_INFINITY else hard)
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    """Resident memory of process ``pid`` (``VmRSS`` in ``/proc/<pid>/status``), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 async def receive(conn: Connection, *, timeout: float) -> tuple[Any, ...]:
