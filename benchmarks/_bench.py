@@ -110,9 +110,13 @@ class Bench:
         """A fresh server process, pinned to the server CPU (the caller closes it)."""
         counter = shared_counter()
         child = Child(
-            "server", _serve.main, self.args.server_cpu, str(self.stubs_dir), self.args.timeout,
+            "server",
+            _serve.main,
+            self.args.server_cpu,
+            str(self.stubs_dir),
+            self.args.timeout,
             counter,
-        )  # fmt: skip
+        )
         child.counter = counter  # read after a kill -9
         return child
 

@@ -25,8 +25,12 @@ def charts(by_workload: dict[str, list[Cell]], out: Path, title: str) -> list[Pa
 
     matplotlib.use("Agg")
     written = []
-    for name, draw in (("fanout", _fanout), ("latency", _latency), ("idle", _idle),
-                       ("reconnect", _reconnect)):  # fmt: skip
+    for name, draw in (
+        ("fanout", _fanout),
+        ("latency", _latency),
+        ("idle", _idle),
+        ("reconnect", _reconnect),
+    ):
         cells = by_workload.get(name)
         if not cells:
             continue
@@ -91,8 +95,12 @@ def _latency(cells: Sequence[Cell], path: Path, title: str) -> None:
             if not samples:
                 continue
             cdf = samples[len(samples) // 2]["cdf_ms"]  # the round with the median p99
-            ax.plot(cdf, [i / (len(cdf) - 1) for i in range(len(cdf))], label=server,
-                    color=COLORS.get(server))  # fmt: skip
+            ax.plot(
+                cdf,
+                [i / (len(cdf) - 1) for i in range(len(cdf))],
+                label=server,
+                color=COLORS.get(server),
+            )
         ax.set_xscale("log")
         ax.set_xlabel("publish to receive, ms (log)")
         ax.set_ylabel("share of deliveries")

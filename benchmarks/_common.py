@@ -30,6 +30,7 @@ __all__ = [
     "Stubs",
     "child_setup",
     "generate_stubs",
+    "listen_overflows",
     "load_stubs",
     "numbered",
     "parse_numbered",
@@ -154,6 +155,25 @@ def raise_nofile() -> int:
         except (ValueError, OSError):
             pass
     return int(soft if soft != resource.RLIM_INFINITY else hard)
+
+
+def listen_overflows() -> int | None:
+    """The system's count of connections dropped by full accept queues (``ListenOverflows``).
+
+    System-wide, so another program's connections count too; during a trial on an
+    otherwise quiet machine it counts the SYNs the server under test did not accept in time
+    (each costs the client a 1 s, then 3 s, ... SYN retransmission).
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            if "ListenOverflows" in table:
+                return int(table["ListenOverflows"])
+    return None
 
 
 def rss_kb(pid: int | str = "self") -> int:

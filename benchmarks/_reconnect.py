@@ -10,9 +10,11 @@ index), so each client's tally shows what it missed.
 Commands (``("rc", command, *args)``) and answers::
 
     ("open", port, n, resume)   -> ("rc_opened",)
-    ("until", what)             -> ("rc_until", t)   what: "received" (every client has an
-                                   event) or "again" (every client has an event on a stream
-                                   opened after "mark"); t = when the last one did
+    ("until", what, seconds)    -> ("rc_until", t, count)  what: "received" (every client
+                                   has an event) or "again" (every client has an event on a
+                                   stream opened after "mark"); t = when the last one did
+                                   (None if not all did within ``seconds``), count = how
+                                   many did
     ("mark",)                   -> ("rc_marked",)    the server is about to be killed
     ("finish", last0, last1)    -> ("rc_result", {...})  once every client has the last event
     ("close",)                  -> ("rc_closed",)
@@ -74,7 +76,8 @@ class Clients:
             self._open(port, n, resume)
             return ("rc_opened",)
         if command == "until":
-            return ("rc_until", await self._until(args[0], timeout))
+            what, seconds = args
+            return ("rc_until", *await self._until(what, min(seconds, timeout)))
         if command == "mark":
             for tally in self.tallies:
                 tally.marked_streams = tally.streams
@@ -91,17 +94,21 @@ class Clients:
         run = self._resilient if resume else self._plain
         self.tasks = [asyncio.create_task(run(i, port, self.tallies[i])) for i in range(n)]
 
-    async def _until(self, what: str, timeout: float) -> float:
+    async def _until(self, what: str, timeout: float) -> tuple[float | None, int]:
         def ready(t: _Tally) -> bool:
             return bool(t.received) if what == "received" else t.again_at is not None
 
-        async with asyncio.timeout(timeout):
-            while not all(ready(t) for t in self.tallies):
-                self._check_tasks()
-                await asyncio.sleep(POLL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not all(ready(t) for t in self.tallies):
+                    self._check_tasks()
+                    await asyncio.sleep(POLL)
+        count = sum(ready(t) for t in self.tallies)
+        if count < len(self.tallies):
+            return None, count
         if what == "received":
-            return time.monotonic()
-        return max(t.again_at for t in self.tallies if t.again_at is not None)
+            return time.monotonic(), count
+        return max(t.again_at for t in self.tallies if t.again_at is not None), count
 
     async def _finish(self, last0: int, last1: int, *, timeout: float) -> dict[str, Any]:
         """Wait until every client has the last event; what each lost, and how it knew."""

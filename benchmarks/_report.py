@@ -94,8 +94,8 @@ def idle(cells: Sequence[Cell]) -> list[str]:
         "### idle: server memory per open stream, and a final event after the hold",
         "",
         "| streams | server | KiB / stream | / grpc.aio | open s | CPU % while held "
-        "| final event: all received | final ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| final event: all received | final ms | SYNs dropped |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in cells:
         for server in c.servers:
@@ -117,6 +117,7 @@ def idle(cells: Sequence[Cell]) -> list[str]:
                 _show(c.stat(server, "hold_cpu_percent"), 2),
                 f"{everyone}/{len(samples)} rounds",
                 _show(c.stat(server, "final_ms"), 0),
+                " / ".join(str(s.get("listen_overflows")) for s in samples),
             ]
             lines.append("| " + " | ".join(row) + " |")
     return [*lines, "", *_skipped(cells)]
@@ -127,8 +128,8 @@ def reconnect(cells: Sequence[Cell]) -> list[str]:
         "### reconnect: server killed and restarted under the clients",
         "",
         "| clients | server | down s | all again s | median again s | bound s | within "
-        "| lost | announced | unannounced | duplicates |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| lost | announced | unannounced | duplicates | SYNs dropped |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in cells:
         for server in c.servers:
@@ -145,12 +146,20 @@ def reconnect(cells: Sequence[Cell]) -> list[str]:
                     return "n/a"
                 return " / ".join(str(s[metric]) for s in samples)
 
-            row = [c.label, server, _show(c.stat(server, "down_seconds"), 2),
-                   _show(c.stat(server, "again_seconds"), 2),
-                   _show(c.stat(server, "again_median_seconds"), 2),
-                   _show(c.stat(server, "bound_seconds"), 2), f"{within}/{len(samples)}",
-                   count("lost"), count("lost_announced"), count("lost_unannounced"),
-                   count("duplicates")]  # fmt: skip
+            row = [
+                c.label,
+                server,
+                _show(c.stat(server, "down_seconds"), 2),
+                _show(c.stat(server, "again_seconds"), 2),
+                _show(c.stat(server, "again_median_seconds"), 2),
+                _show(c.stat(server, "bound_seconds"), 2),
+                f"{within}/{len(samples)}",
+                count("lost"),
+                count("lost_announced"),
+                count("lost_unannounced"),
+                count("duplicates"),
+                " / ".join(str(s.get("listen_overflows")) for s in samples),
+            ]
             lines.append("| " + " | ".join(row) + " |")
     return lines
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks._bench import SERVERS, Bench, Cell
 
-__all__ = ["VARIANTS", "cells", "trial"]
+__all__ = ["VARIANTS", "cells", "trial", "warm_up"]
 
 VARIANTS = {"one": 1, "burst": 10}
 """Events published per loop turn."""
@@ -66,3 +66,9 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "server_busy": server_cpu / seconds,
         "loadgen_busy": result["cpu"] / seconds,
     }
+
+
+def warm_up(bench: Bench, server: str, process: Any) -> None:
+    """An untimed small trial, so a fresh server process pays its first-use costs here."""
+    params = {"variant": "one", "per_turn": 1, "n": 10, "events": 200}
+    trial(bench, Cell("fanout", "warm-up", params, [server]), server, process)

@@ -5,9 +5,9 @@ server process per trial (so earlier trials' freed memory cannot hide the cost);
 resident memory (``VmRSS``) is read once it is listening and again once every stream has
 its headers and the server counts N subscriptions: the difference / N is the **KiB per
 stream** (for own connections it includes the connection's cost). The streams are then
-held for ``--hold`` seconds (60 in the full run) while the server's CPU is sampled, then
-one final event is published and every stream must receive it; the time from publish to
-the last arrival is reported too.
+held while the server's CPU is sampled: the largest N for ``--hold`` seconds (60 in the
+full run), smaller ones for ``--hold-small``. Then one final event is published and every
+stream must receive it; the time from publish to the last arrival is reported too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from benchmarks._bench import SERVERS, Bench, Cell
-from benchmarks._common import rss_kb
+from benchmarks._common import listen_overflows, rss_kb
 
 __all__ = ["cells", "trial"]
 
@@ -28,10 +28,11 @@ FD_MARGIN = 200
 def cells(args: argparse.Namespace) -> list[Cell]:
     out = []
     for n in args.idle_n:
+        hold = args.hold if n == max(args.idle_n) else args.hold_small
         for per_connection in args.idle_per_connection:
             if per_connection > n:
                 continue
-            params = {"n": n, "per_connection": per_connection, "hold": args.hold}
+            params = {"n": n, "per_connection": per_connection, "hold": hold}
             how = "own connections" if per_connection == 1 else f"{per_connection} per connection"
             out.append(Cell("idle", f"{n:,} streams, {how}", params, list(SERVERS)))
     return out
@@ -46,15 +47,19 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     try:
         for name, setup in (("server", fresh.setup), ("loadgen", lg.setup)):
             if setup["nofile"] < connections + FD_MARGIN:
-                return {"skipped": f"{name} may open {setup['nofile']} files; "
-                        f"{connections + FD_MARGIN} needed (raise ulimit -n)"}  # fmt: skip
+                return {
+                    "skipped": f"{name} may open {setup['nofile']} files; "
+                    f"{connections + FD_MARGIN} needed (raise ulimit -n)"
+                }
         port, _ = fresh.ask("started", wait, "start", bench.spec(server))
         (before,) = fresh.ask("rss", wait, "rss")
         loadgen_before = rss_kb(lg.pid)
+        overflows = listen_overflows()
         (open_seconds,) = lg.ask("ready", wait, "open", port, n, per_connection)
         (count,) = fresh.ask("subscribed", wait, "wait", n)
         (after,) = fresh.ask("rss", wait, "rss")
         loadgen_after = rss_kb(lg.pid)
+        overflows_after = listen_overflows()
         (cpu0,) = fresh.ask("cpu", wait, "cpu")
         time.sleep(hold)  # the orchestrator idles; the streams stay open
         (cpu1,) = fresh.ask("cpu", wait, "cpu")
@@ -72,6 +77,9 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "rss_after_kib": after,
         "loadgen_kib_per_stream": (loadgen_after - loadgen_before) / n,
         "open_seconds": open_seconds,
+        "listen_overflows": None
+        if overflows is None or overflows_after is None
+        else overflows_after - overflows,
         "hold_seconds": hold,
         "hold_cpu_percent": (cpu1 - cpu0) / hold * 100 if hold else None,
         "final_received": result["received"],

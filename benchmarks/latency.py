@@ -39,8 +39,9 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     lg.ask("ready", wait, "open", port, n, 1)
     process.ask("subscribed", wait, "wait", n)
     lg.ask("reading", wait, "read", "latency", events)
-    published = process.ask("published", wait + events / rate, "paced", rate, events,
-                            bench.args.size)  # fmt: skip
+    published = process.ask(
+        "published", wait + events / rate, "paced", rate, events, bench.args.size
+    )
     cpu0, t0, _, late_ms = published
     (result,) = lg.expect("done", wait)
     (cpu1,) = process.ask("cpu", wait, "cpu")

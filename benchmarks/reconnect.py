@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from benchmarks._bench import Bench, Cell
+from benchmarks._common import listen_overflows
 
 __all__ = ["SERVERS", "backoff_bound", "cells", "trial"]
 
@@ -38,12 +39,18 @@ STEADY = 1.0
 
 def cells(args: argparse.Namespace) -> list[Cell]:
     servers = [s for s in SERVERS if s != "longlived+redis" or args.redis]
-    params = {"n": args.reconnect_n, "rate": args.reconnect_rate}
+    params = {"n": args.reconnect_n, "rate": args.reconnect_rate, "within": args.reconnect_timeout}
     return [Cell("reconnect", f"{args.reconnect_n:,} clients", params, servers)]
 
 
-def backoff_bound(down: float, *, initial: float = 1.0, multiplier: float = 1.6,
-                  jitter: float = 0.2, floor: float = 5.0) -> float:  # fmt: skip
+def backoff_bound(
+    down: float,
+    *,
+    initial: float = 1.0,
+    multiplier: float = 1.6,
+    jitter: float = 0.2,
+    floor: float = 5.0,
+) -> float:
     """max(``floor``, the longest backoff delay a client can be sleeping ``down`` s in)."""
     elapsed, delay = 0.0, initial
     while elapsed + delay <= down:
@@ -65,15 +72,19 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         lg.ask("rc_opened", wait, "rc", "open", port, n, resume)
         first.ask("subscribed", wait, "wait", n)
         first.ask("streaming", wait, "stream", rate, 0, size)
-        lg.ask("rc_until", wait, "rc", "until", "received")
+        _, subscribed = lg.ask("rc_until", wait, "rc", "until", "received", wait)
+        if subscribed < n:
+            raise RuntimeError(f"reconnect on {server}: {subscribed} of {n} clients received")
         time.sleep(STEADY)
         lg.ask("rc_marked", wait, "rc", "mark")
+        overflows = listen_overflows()
         killed = first.kill()
         last0 = int(first.counter.value)  # every event up to it was published
         second = bench.server_process()
         _, ready = second.ask("started", wait, "start", {**spec, "port": port})
         second.ask("streaming", wait, "stream", rate, 1, size)
-        (again,) = lg.ask("rc_until", wait, "rc", "until", "again")
+        again, back = lg.ask("rc_until", wait, "rc", "until", "again", cell.params["within"])
+        overflows_after = listen_overflows()
         time.sleep(STEADY)
         (last1,) = second.ask("halted", wait, "halt")
         (tally,) = lg.ask("rc_result", wait, "rc", "finish", last0, last1)
@@ -84,14 +95,19 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         if second is not None:
             second.close()
     down = ready - killed
-    seconds = again - ready
+    seconds = None if again is None else again - ready
     bound = backoff_bound(down)
+    dropped = None
+    if overflows is not None and overflows_after is not None:
+        dropped = overflows_after - overflows
     return {
         **tally,
         "down_seconds": down,
         "again_seconds": seconds,
+        "again_clients": back,
         "again_median_seconds": (tally["again_median"] - ready) if tally["again_median"] else None,
         "bound_seconds": bound,
-        "within_bound": seconds <= bound,
+        "within_bound": seconds is not None and seconds <= bound,
+        "listen_overflows": dropped,
         "resume": resume,
     }

@@ -51,17 +51,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "rounds": 2,
+        "rounds": 1,
         "fanout_n": [1, 10, 100, 1000],
         "burst_n": [1000],
-        "fanout_messages": 10_000,
-        "fanout_min_events": 10,
+        "fanout_messages": 20_000,
+        "fanout_min_events": 20,
         "latency_seconds": 2.0,
-        "idle_n": [1000, 10_000],
+        "idle_n": [1000],
         "idle_per_connection": [1, 100],
-        "idle_skip": ["10000/1"],
+        "idle_skip": [],
         "hold": 2.0,
-        "reconnect_n": 1000,
+        "reconnect_n": 300,
         "out": HERE / "results" / "quick",
     },
     "full": {
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "burst_n": [1, 10, 100, 1000],
         "fanout_messages": 100_000,
         "fanout_min_events": 100,
-        "latency_seconds": 20.0,
+        "latency_seconds": 10.0,
         "idle_n": [1000, 10_000],
         "idle_per_connection": [1, 100],
         "idle_skip": [],
@@ -113,23 +113,28 @@ def _settings(text: str) -> list[tuple[int, float]]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run", description=doc.split("\n\n")[0],
+        prog="python -m benchmarks.run",
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     add = parser.add_argument
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the short run (under 3 minutes)")
     mode.add_argument("--full", action="store_true", help="the full run (the default)")
     add("--only", type=_names(list(WORKLOADS)), default=list(WORKLOADS), help="workloads to run")
-    add("--rounds", type=int, default=None, help="rounds (quick 2, full 3)")
+    add("--rounds", type=int, default=None, help="rounds (quick 1, full 3)")
     add("--server-cpu", type=int, default=1, help="CPU the server under test is pinned to")
     add("--loadgen-cpu", type=int, default=0, help="CPU the load generator is pinned to")
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
     add("--size", type=int, default=64, help="characters of event data (>= 30)")
     add("--timeout", type=float, default=120.0, help="bound on every step of a trial, seconds")
     add("--out", type=Path, default=None, help="directory for results (quick: results/quick)")
-    add("--floor", action=argparse.BooleanOptionalAction, default=False,
-        help="add the raw pre-framed-write floor server to fanout and latency")  # fmt: skip
+    add(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the raw pre-framed-write floor server to fanout and latency",
+    )
     group = parser.add_argument_group("fanout")
     group.add_argument("--fanout-n", type=_ints, help="subscriber counts N, one variant")
     group.add_argument("--burst-n", type=_ints, help="subscriber counts N, burst variant")
@@ -142,19 +147,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--fanout-messages", type=int, help="delivered messages per trial")
     group.add_argument("--fanout-min-events", type=int, help="smallest E per trial")
     group = parser.add_argument_group("latency")
-    group.add_argument("--latency-settings", type=_settings, default=[(100, 200.0), (1000, 20.0)],
-                       help="N@events-per-second pairs")  # fmt: skip
+    group.add_argument(
+        "--latency-settings",
+        type=_settings,
+        default=[(100, 200.0), (1000, 20.0)],
+        help="N@events-per-second pairs",
+    )
     group.add_argument("--latency-seconds", type=float, help="publishing time per trial")
     group = parser.add_argument_group("idle")
     group.add_argument("--idle-n", type=_ints, help="open streams N")
     group.add_argument("--idle-per-connection", type=_ints, help="streams per connection")
     group.add_argument("--idle-skip", type=lambda t: t.split(","), help="N/per-connection to skip")
-    group.add_argument("--hold", type=float, help="seconds the streams are held before the event")
+    group.add_argument(
+        "--hold", type=float, help="seconds the largest N's streams are held before the event"
+    )
+    group.add_argument(
+        "--hold-small", type=float, default=2.0, help="seconds smaller N's streams are held"
+    )
     group = parser.add_argument_group("reconnect")
     group.add_argument("--reconnect-n", type=int, help="clients")
     group.add_argument("--reconnect-rate", type=float, default=10.0, help="events per second")
-    group.add_argument("--no-redis", dest="redis", action="store_false",
-                       help="leave out longlived on a Redis log")  # fmt: skip
+    group.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds the clients get to be back before the trial counts who is",
+    )
+    group.add_argument(
+        "--no-redis", dest="redis", action="store_false", help="leave out longlived on a Redis log"
+    )
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     for key, value in PRESETS[args.mode].items():
@@ -176,9 +197,10 @@ def run(args: argparse.Namespace, bench: Bench) -> dict[str, list[Cell]]:
     if "idle" in by_workload:
         skip = set(args.idle_skip)
         by_workload["idle"] = [
-            c for c in by_workload["idle"]
+            c
+            for c in by_workload["idle"]
             if f"{c.params['n']}/{c.params['per_connection']}" not in skip
-        ]  # fmt: skip
+        ]
     started = time.monotonic()
     for round_ in range(args.rounds):
         for name, cells in by_workload.items():
@@ -203,6 +225,7 @@ def _processes(bench: Bench, workload: str) -> Iterator[Any]:
             return None
         if server not in kept:
             kept[server] = bench.server_process()
+            fanout.warm_up(bench, server, kept[server])
         return kept[server]
 
     try:
@@ -222,7 +245,10 @@ def _progress(
         "reconnect": ("again_seconds", "s until all again", 2),
     }
     key, unit, digits = keys[cell.workload]
-    shown = "skipped" if "skipped" in sample else f"{sample[key]:,.{digits}f} {unit}"
+    value = sample.get(key)
+    shown = "skipped" if "skipped" in sample else f"{value:,.{digits}f} {unit}"
+    if value is None and "skipped" not in sample:
+        shown = f"not all within the time allowed ({sample.get('again_clients')} back)"
     when = f"[{time.monotonic() - started:6.1f}s] round {round_ + 1}/{rounds}"
     print(f"{when} {cell.workload} {cell.label} {server}: {shown}", file=sys.stderr, flush=True)
 
@@ -235,8 +261,9 @@ def _redis(args: argparse.Namespace) -> Iterator[str | None]:
         yield None
         return
     if binary is None:
-        print("redis-server is not installed: reconnect runs without longlived+redis",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "redis-server is not installed: reconnect runs without longlived+redis", file=sys.stderr
+        )
         args.redis = False
         yield None
         return
@@ -244,10 +271,22 @@ def _redis(args: argparse.Namespace) -> Iterator[str | None]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         if args.server_cpu is not None:  # Redis is part of the server side
             with contextlib.suppress(OSError):
@@ -279,8 +318,7 @@ def _until_redis(port: int, *, timeout: float) -> None:
 
 def _git(*args: str) -> str:
     try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)  # fmt: skip
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout.strip()
@@ -289,8 +327,15 @@ def _git(*args: str) -> str:
 def source() -> dict[str, Any]:
     """The commit measured, and files changed since (the tree may be edited while it runs)."""
     changed = _git("status", "--porcelain", "--", "longlived", "pyproject.toml").splitlines()
-    return {"commit": _git("rev-parse", "HEAD"), "describe": _git("log", "-1", "--format=%h %s"),
-            "changed": changed}  # fmt: skip
+    subject = _git("log", "-1", "--format=%s")
+    subject = subject if len(subject) <= 60 else subject[:57] + "..."
+    short = _git("rev-parse", "--short", "HEAD")
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "short": short,
+        "describe": f"{short} {subject}",
+        "changed": changed,
+    }
 
 
 def machine(bench: Bench) -> dict[str, Any]:
@@ -341,28 +386,35 @@ def header(args: argparse.Namespace, info: dict[str, Any], elapsed: float) -> li
         f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['platform']}, Python {m['python']}; "
         f"load average at start {', '.join(f'{x:.2f}' for x in load) if load else 'unknown'}",
         f"- versions: {versions}",
-        f"- {pin}; {args.rounds} rounds, rotated order; medians (min-max over rounds); "
+        f"- {pin}; {args.rounds} round{'s' * (args.rounds != 1)}, rotated order; "
+        "medians (min-max over rounds); "
         f"{elapsed:.0f} s in all",
     ]
 
 
-def write(args: argparse.Namespace, by_workload: dict[str, list[Cell]], info: dict[str, Any],
-          elapsed: float) -> str:  # fmt: skip
+def write(
+    args: argparse.Namespace,
+    by_workload: dict[str, list[Cell]],
+    info: dict[str, Any],
+    elapsed: float,
+) -> str:
     """Write latest.json, latest.md and the charts into ``args.out``; the Markdown."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    record = {**info, "elapsed_seconds": round(elapsed, 1), "options": options,
-              "cells": [c.to_json() for cells in by_workload.values() for c in cells]}  # fmt: skip
+    record = {
+        **info,
+        "elapsed_seconds": round(elapsed, 1),
+        "options": options,
+        "cells": [c.to_json() for cells in by_workload.values() for c in cells],
+    }
     (out / "latest.json").write_text(json.dumps(record, indent=1) + "\n")
     text = _report.markdown(by_workload, header(args, info, elapsed))
     try:
         from benchmarks._charts import charts
 
-        title = (
-            f"longlived benchmarks, {args.mode} run {info['date']}, {info['source']['describe']}"
-        )
-        pngs = charts(by_workload, out, title[:120])
+        title = f"longlived benchmarks: {args.mode} run, {info['date']}, {info['source']['short']}"
+        pngs = charts(by_workload, out, title)
         text += "\n" + " ".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     except ImportError:
         print("matplotlib is not installed: no charts (pip install -e '.[dev]')", file=sys.stderr)
@@ -392,8 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.close()
     elapsed = time.monotonic() - started
     print(write(args, by_workload, info, elapsed))
-    print(f"results in {args.out}/ (latest.json, latest.md, *.png); {elapsed:.0f} s",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"results in {args.out}/ (latest.json, latest.md, *.png); {elapsed:.0f} s", file=sys.stderr
+    )
     return 0
 
 
