@@ -17,6 +17,7 @@ import importlib.resources
 import logging
 import os
 import resource
+import signal
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -120,12 +121,16 @@ def parse_numbered(data: str) -> tuple[int, int]:
 
 
 def child_setup(cpu: int | None) -> dict[str, Any]:
-    """First thing in every child: pin it to ``cpu``, raise its file limit, quiet logs.
+    """First thing in every child: pin it to ``cpu``, raise its file limit, quiet logs,
+    leave Ctrl-C to the orchestrator.
 
     Returns what was achieved (recorded in the results): the CPUs the process may run on
     and its open-file limit. Pinning is done before grpcio or asyncio start threads, and
     every thread already running is pinned too, so all threads inherit it.
     """
+    # Ctrl-C reaches the whole process group: the orchestrator alone handles it and ends
+    # the children (a child whose orchestrator is gone sees its pipe close and exits)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     pinned: list[int] | None = None
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 from longlived import QueueSettings, RedisSettings, Settings, SubscriptionManager
 
 __all__ = ["Ours"]
@@ -30,23 +28,28 @@ class Ours:
     def __init__(
         self, *, name: str, queue: int, redis_url: str | None = None, redis_stream: str = ""
     ) -> None:
-        redis = RedisSettings(url=redis_url, stream=redis_stream or "longlived-bench")
+        self.name = name
+        self._queue = min(max(queue, 1024), _QUEUE_LIMIT)
+        self._redis = RedisSettings(url=redis_url, stream=redis_stream or "longlived-bench")
+        self._shared = redis_url is not None
+        self.manager = self._manager(0)
+
+    def _manager(self, port: int) -> _Manager:
         settings = Settings(
             _env_file=None,  # a .env in the working directory does not change the run
-            address="127.0.0.1:0",
-            queue=QueueSettings(size=min(max(queue, 1024), _QUEUE_LIMIT)),
-            redis=redis,
+            address=f"127.0.0.1:{port}",
+            queue=QueueSettings(size=self._queue),
+            redis=self._redis,
         )
-        self.name = name
-        self.manager = _Manager(settings)
-        self._shared = redis_url is not None
+        return _Manager(settings)
 
     async def start(self, port: int = 0) -> int:
-        """Listen on loopback ``port`` (0: a free one); returns it."""
-        sock = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR: restarts rebind
-        bound: int = sock.getsockname()[1]
-        await self.manager.start(sock=sock)
-        return bound
+        """Listen on loopback ``port`` (0: a free one), as ``longlived serve`` does (the
+        manager makes its own listener); returns the port."""
+        if port:
+            self.manager = self._manager(port)
+        await self.manager.start()
+        return int(self.manager.address.rsplit(":", 1)[1])
 
     def subscribed(self) -> int:
         """Open subscriptions."""

@@ -9,13 +9,17 @@ index), so each client's tally shows what it missed.
 
 Commands (``("rc", command, *args)``) and answers::
 
-    ("open", port, n, resume)   -> ("rc_opened",)
+    ("open", port, n, resume)   -> ("rc_opened", seconds)  every client subscribed; started
+                                   ``OPEN_BATCH`` at a time, as the other workloads open
+                                   streams, so the initial connections do not storm the
+                                   server (the restart's reconnections do, as they would)
     ("until", what, seconds)    -> ("rc_until", t, count)  what: "received" (every client
                                    has an event) or "again" (every client has an event on a
                                    stream opened after "mark"); t = when the last one did
                                    (None if not all did within ``seconds``), count = how
                                    many did
-    ("mark",)                   -> ("rc_marked",)    the server is about to be killed
+    ("mark",)                   -> ("rc_marked", cpu) the server is about to be killed
+    ("cpu",)                    -> ("rc_cpu", cpu)    this process's CPU seconds so far
     ("finish", last0, last1)    -> ("rc_result", {...})  once every client has the last event
     ("close",)                  -> ("rc_closed",)
 """
@@ -36,6 +40,7 @@ __all__ = ["Clients"]
 
 POLL = 0.05
 """Seconds between checks of the clients' tallies while waiting for a condition."""
+OPEN_BATCH = 100
 
 
 @dataclass(slots=True)
@@ -49,6 +54,8 @@ class _Tally:
     marked_streams: int | None = None
     again_at: float | None = None
     """Arrival of the first event on a stream opened after the mark."""
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the client's first stream is open (the server has its subscription)."""
 
     def record(self, data: str) -> None:
         key = parse_numbered(data)
@@ -68,20 +75,24 @@ class Clients:
         self.tallies: list[_Tally] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.stop = asyncio.Event()
-        self.closers: list[Any] = []
+        self.closers: list[asyncio.Task[None]] = []
+        """Helper tasks (each ResilientClient's watch for its first stream)."""
 
     async def handle(self, command: str, *args: Any, timeout: float) -> tuple[Any, ...]:
         if command == "open":
-            port, n, resume = args
-            self._open(port, n, resume)
-            return ("rc_opened",)
+            started = time.monotonic()
+            async with asyncio.timeout(timeout):
+                await self._open(*args)
+            return ("rc_opened", time.monotonic() - started)
         if command == "until":
             what, seconds = args
             return ("rc_until", *await self._until(what, min(seconds, timeout)))
         if command == "mark":
             for tally in self.tallies:
                 tally.marked_streams = tally.streams
-            return ("rc_marked",)
+            return ("rc_marked", time.process_time())
+        if command == "cpu":
+            return ("rc_cpu", time.process_time())
         if command == "finish":
             return ("rc_result", await self._finish(*args, timeout=timeout))
         if command == "close":
@@ -89,10 +100,15 @@ class Clients:
             return ("rc_closed",)
         raise ValueError(f"unknown reconnect command {command!r}")
 
-    def _open(self, port: int, n: int, resume: bool) -> None:
+    async def _open(self, port: int, n: int, resume: bool) -> None:
         self.tallies = [_Tally() for _ in range(n)]
         run = self._resilient if resume else self._plain
-        self.tasks = [asyncio.create_task(run(i, port, self.tallies[i])) for i in range(n)]
+        for first in range(0, n, OPEN_BATCH):
+            batch = range(first, min(first + OPEN_BATCH, n))
+            self.tasks += [asyncio.create_task(run(i, port, self.tallies[i])) for i in batch]
+            while not all(self.tallies[i].opened.is_set() for i in batch):
+                self._check_tasks()
+                await asyncio.sleep(POLL)
 
     async def _until(self, what: str, timeout: float) -> tuple[float | None, int]:
         def ready(t: _Tally) -> bool:
@@ -143,11 +159,11 @@ class Clients:
 
     async def _close(self, timeout: float) -> None:
         self.stop.set()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.closers]:
             task.cancel()
         async with asyncio.timeout(timeout):
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks = []
+            await asyncio.gather(*self.tasks, *self.closers, return_exceptions=True)
+        self.tasks, self.closers = [], []
 
     # --------------------------------------------------------------------- the clients
 
@@ -157,6 +173,13 @@ class Clients:
 
         settings = Settings(_env_file=None, address=f"127.0.0.1:{port}")
         async with ResilientClient(id, settings=settings) as client:
+
+            async def opened() -> None:
+                await client.connected.wait()
+                tally.opened.set()
+
+            watch = asyncio.create_task(opened())
+            self.closers.append(watch)
             while not self.stop.is_set():
                 try:
                     async for response in client:
@@ -185,6 +208,8 @@ class Clients:
                     SUBSCRIBE, request_serializer=type(request).SerializeToString
                 )(request, timeout=None)
                 tally.streams += 1
+                await call.initial_metadata()
+                tally.opened.set()
                 async for message in call:
                     attempt = 0  # this stream delivered: start the backoff afresh
                     tally.record(decode(message).data)

@@ -24,6 +24,10 @@ def _busy(cell: Cell, server: str) -> str:
     return f"{srv.median:.0%} / {gen.median:.0%}"
 
 
+def _percent(value: Stat | None) -> str:
+    return "-" if value is None else f"{value.median:.0%}"
+
+
 def _skipped(cells: Sequence[Cell]) -> list[str]:
     return [
         f"- {cell.label}, {server}: skipped: {sample['skipped']}"
@@ -53,16 +57,18 @@ def fanout(cells: Sequence[Cell]) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "### fanout: delivered messages per second; busy = server / load generator",
+        "### fanout: delivered messages per second; busy = server / load generator; "
+        "paced = publishing time / delivery time",
         "",
         "| variant | N | longlived msg/s | grpc.aio msg/s | grpclib msg/s "
-        "| busy longlived | busy grpc.aio | busy grpclib |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| busy longlived | busy grpc.aio | busy grpclib | paced longlived | grpc.aio | grpclib |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in cells:
         row = [c.params["variant"], str(c.params["n"])]
         row += [_show(c.stat(s, "msgs_per_s"), 0) for s in (OURS, *PEERS)]
         row += [_busy(c, s) for s in (OURS, *PEERS)]
+        row += [_percent(c.stat(s, "paced")) for s in (OURS, *PEERS)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -128,8 +134,8 @@ def reconnect(cells: Sequence[Cell]) -> list[str]:
         "### reconnect: server killed and restarted under the clients",
         "",
         "| clients | server | down s | all again s | median again s | bound s | within "
-        "| lost | announced | unannounced | duplicates | SYNs dropped |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| lost | announced | unannounced | duplicates | SYNs dropped | busy srv / gen |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in cells:
         for server in c.servers:
@@ -159,6 +165,7 @@ def reconnect(cells: Sequence[Cell]) -> list[str]:
                 count("lost_unannounced"),
                 count("duplicates"),
                 " / ".join(str(s.get("listen_overflows")) for s in samples),
+                _busy(c, server),
             ]
             lines.append("| " + " | ".join(row) + " |")
     return lines

@@ -65,6 +65,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "msgs_per_s": messages / seconds,
         "server_busy": server_cpu / seconds,
         "loadgen_busy": result["cpu"] / seconds,
+        "paced": (t1 - t0) / seconds,
     }
 
 

@@ -69,21 +69,25 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     second = None
     try:
         port, _ = first.ask("started", wait, "start", spec)
-        lg.ask("rc_opened", wait, "rc", "open", port, n, resume)
+        (open_seconds,) = lg.ask("rc_opened", wait, "rc", "open", port, n, resume)
         first.ask("subscribed", wait, "wait", n)
         first.ask("streaming", wait, "stream", rate, 0, size)
         _, subscribed = lg.ask("rc_until", wait, "rc", "until", "received", wait)
         if subscribed < n:
             raise RuntimeError(f"reconnect on {server}: {subscribed} of {n} clients received")
         time.sleep(STEADY)
-        lg.ask("rc_marked", wait, "rc", "mark")
+        (loadgen_cpu0,) = lg.ask("rc_marked", wait, "rc", "mark")
         overflows = listen_overflows()
         killed = first.kill()
         last0 = int(first.counter.value)  # every event up to it was published
         second = bench.server_process()
         _, ready = second.ask("started", wait, "start", {**spec, "port": port})
+        (server_cpu0,) = second.ask("cpu", wait, "cpu")
         second.ask("streaming", wait, "stream", rate, 1, size)
         again, back = lg.ask("rc_until", wait, "rc", "until", "again", cell.params["within"])
+        (server_cpu1,) = second.ask("cpu", wait, "cpu")
+        (loadgen_cpu1,) = lg.ask("rc_cpu", wait, "rc", "cpu")
+        span = time.monotonic() - ready
         overflows_after = listen_overflows()
         time.sleep(STEADY)
         (last1,) = second.ask("halted", wait, "halt")
@@ -102,12 +106,15 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         dropped = overflows_after - overflows
     return {
         **tally,
+        "open_seconds": open_seconds,
         "down_seconds": down,
         "again_seconds": seconds,
         "again_clients": back,
         "again_median_seconds": (tally["again_median"] - ready) if tally["again_median"] else None,
         "bound_seconds": bound,
         "within_bound": seconds is not None and seconds <= bound,
+        "server_busy": (server_cpu1 - server_cpu0) / span,
+        "loadgen_busy": (loadgen_cpu1 - loadgen_cpu0) / (span + down),
         "listen_overflows": dropped,
         "resume": resume,
     }

@@ -122,6 +122,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="the short run (under 3 minutes)")
     mode.add_argument("--full", action="store_true", help="the full run (the default)")
     add("--only", type=_names(list(WORKLOADS)), default=list(WORKLOADS), help="workloads to run")
+    add(
+        "--servers",
+        type=_names(["longlived", "longlived+redis", "grpc.aio", "grpclib", "floor"]),
+        default=None,
+        help="only these servers (default: all of each workload's)",
+    )
     add("--rounds", type=int, default=None, help="rounds (quick 1, full 3)")
     add("--server-cpu", type=int, default=1, help="CPU the server under test is pinned to")
     add("--loadgen-cpu", type=int, default=0, help="CPU the load generator is pinned to")
@@ -194,6 +200,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, bench: Bench) -> dict[str, list[Cell]]:
     """Every round of every selected workload; the cells with their samples."""
     by_workload = {name: WORKLOADS[name].cells(args) for name in args.only}
+    if args.servers:
+        for cell in (c for cells in by_workload.values() for c in cells):
+            cell.servers = [s for s in cell.servers if s in args.servers]
     if "idle" in by_workload:
         skip = set(args.idle_skip)
         by_workload["idle"] = [
@@ -246,9 +255,12 @@ def _progress(
     }
     key, unit, digits = keys[cell.workload]
     value = sample.get(key)
-    shown = "skipped" if "skipped" in sample else f"{value:,.{digits}f} {unit}"
-    if value is None and "skipped" not in sample:
-        shown = f"not all within the time allowed ({sample.get('again_clients')} back)"
+    if "skipped" in sample:
+        shown = "skipped"
+    elif value is None:
+        shown = f"not all back in the time allowed ({sample.get('again_clients')} were)"
+    else:
+        shown = f"{value:,.{digits}f} {unit}"
     when = f"[{time.monotonic() - started:6.1f}s] round {round_ + 1}/{rounds}"
     print(f"{when} {cell.workload} {cell.label} {server}: {shown}", file=sys.stderr, flush=True)
 
