@@ -73,3 +73,13 @@ def warm_up(bench: Bench, server: str, process: Any) -> None:
     """An untimed small trial, so a fresh server process pays its first-use costs here."""
     params = {"variant": "one", "per_turn": 1, "n": 10, "events": 200}
     trial(bench, Cell("fanout", "warm-up", params, [server]), server, process)
+
+
+if __name__ == "__main__":  # the first harness's command: `python benchmarks/fanout.py --quick`
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.run import main
+
+    sys.exit(main(["--only", "fanout", *sys.argv[1:]]))

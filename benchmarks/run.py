@@ -62,6 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "idle_skip": [],
         "hold": 2.0,
         "reconnect_n": 300,
+        "reconnect_timeout": 30.0,
         "out": HERE / "results" / "quick",
     },
     "full": {
@@ -76,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "idle_skip": [],
         "hold": 60.0,
         "reconnect_n": 1000,
+        "reconnect_timeout": 60.0,
         "out": HERE / "results",
     },
 }
@@ -176,8 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--reconnect-timeout",
         type=float,
-        default=60.0,
-        help="seconds the clients get to be back before the trial counts who is",
+        help="seconds the clients get to be back before the trial counts who is (quick 30, "
+        "full 60)",
     )
     group.add_argument(
         "--no-redis", dest="redis", action="store_false", help="leave out longlived on a Redis log"
