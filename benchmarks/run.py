@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -199,8 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ running
 
 
-def run(args: argparse.Namespace, bench: Bench) -> dict[str, list[Cell]]:
-    """Every round of every selected workload; the cells with their samples."""
+def plan(args: argparse.Namespace) -> dict[str, list[Cell]]:
+    """The cells of every selected workload, without samples yet."""
     by_workload = {name: WORKLOADS[name].cells(args) for name in args.only}
     if args.servers:
         for cell in (c for cells in by_workload.values() for c in cells):
@@ -212,6 +213,11 @@ def run(args: argparse.Namespace, bench: Bench) -> dict[str, list[Cell]]:
             for c in by_workload["idle"]
             if f"{c.params['n']}/{c.params['per_connection']}" not in skip
         ]
+    return by_workload
+
+
+def run(args: argparse.Namespace, bench: Bench, by_workload: dict[str, list[Cell]]) -> None:
+    """Every round of every selected workload, adding the samples to the cells."""
     started = time.monotonic()
     for round_ in range(args.rounds):
         for name, cells in by_workload.items():
@@ -223,7 +229,6 @@ def run(args: argparse.Namespace, bench: Bench) -> dict[str, list[Cell]]:
                         sample["round"] = round_
                         cell.add(server, sample)
                         _progress(started, round_, args.rounds, cell, server, sample)
-    return by_workload
 
 
 @contextlib.contextmanager
@@ -386,13 +391,25 @@ def _version(package: str) -> str | None:
 
 
 def header(args: argparse.Namespace, info: dict[str, Any], elapsed: float) -> list[str]:
-    m, src = info["machine"], info["source"]
+    m, src = info.get("machine", {}), info["source"]
+    if not m:  # the run failed before the load generator started
+        return [
+            f"## Benchmark results ({args.mode} run, {info['date']}): FAILED",
+            "",
+            f"- {info.get('failed', 'failed')}",
+        ]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     pin = f"server on CPU {args.server_cpu}, load generator on CPU {args.loadgen_cpu}"
     if args.server_cpu is None:
         pin = "not pinned"
     load = m["loadavg_at_start"]
     dirty = f" (uncommitted changes: {len(src['changed'])} files)" if src["changed"] else ""
+    failed = []
+    if "failed" in info:
+        failed = [
+            f"- **INCOMPLETE: the run stopped: {info['failed']}** (the tables hold what "
+            "was measured before)"
+        ]
     return [
         f"## Benchmark results ({args.mode} run, {info['date']})",
         "",
@@ -403,6 +420,7 @@ def header(args: argparse.Namespace, info: dict[str, Any], elapsed: float) -> li
         f"- {pin}; {args.rounds} round{'s' * (args.rounds != 1)}, rotated order; "
         "medians (min-max over rounds); "
         f"{elapsed:.0f} s in all",
+        *failed,
     ]
 
 
@@ -446,22 +464,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.sched_setaffinity(0, {args.loadgen_cpu})
     started = time.monotonic()
     info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %z"), "source": source()}
-    with tempfile.TemporaryDirectory(prefix="longlived-bench-") as tmp, children():
-        generate_stubs(Path(tmp))
-        with _redis(args) as redis_url:
-            bench = Bench(args, Path(tmp))
-            bench.redis_url = redis_url
-            info["machine"] = machine(bench)
-            try:
-                by_workload = run(args, bench)
-            finally:
-                bench.close()
+    by_workload = plan(args)
+    code = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="longlived-bench-") as tmp, children():
+            generate_stubs(Path(tmp))
+            with _redis(args) as redis_url:
+                bench = Bench(args, Path(tmp))
+                bench.redis_url = redis_url
+                info["machine"] = machine(bench)
+                try:
+                    run(args, bench, by_workload)
+                finally:
+                    bench.close()
+    except (Exception, KeyboardInterrupt) as exc:
+        # what was measured is kept; the report says the run is incomplete and why
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        reason = "interrupted" if code == 130 else f"{type(exc).__name__}: {exc}"
+        lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+        # a child's failure carries its traceback: its first and last lines say it
+        info["failed"] = (lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}")[:300]
+        traceback.print_exc()
     elapsed = time.monotonic() - started
     print(write(args, by_workload, info, elapsed))
     print(
         f"results in {args.out}/ (latest.json, latest.md, *.png); {elapsed:.0f} s", file=sys.stderr
     )
-    return 0
+    if code:
+        print(f"benchmark run FAILED: {info['failed']}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
