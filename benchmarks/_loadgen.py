@@ -191,6 +191,8 @@ class _Subscribers:
             "t_last": max((t for t, _, _ in results), default=0.0),
             "cpu": cpu,
             "received": sum(count for _, count, _ in results),
+            # the size of the last message: every server must send the same bytes
+            "last_bytes": next((len(m) for _, _, m in results if isinstance(m, bytes)), None),
             "errors": errors[:10],
         }
         if stamp:

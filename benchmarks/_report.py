@@ -38,6 +38,34 @@ def _skipped(cells: Sequence[Cell]) -> list[str]:
     ]
 
 
+def _same_bytes(cells: Sequence[Cell]) -> str:
+    """Whether every server's last message of a setting had the same size (it must)."""
+    sizes: dict[str, set[int]] = {}
+    for c in cells:
+        for server in c.servers:
+            sizes.setdefault(c.label, set()).update(int(v) for v in c.values(server, "last_bytes"))
+    seen = sorted(set().union(*sizes.values())) if sizes else []
+    if not seen:
+        return "Message sizes: not recorded."
+    odd = [label for label, found in sizes.items() if len(found) > 1]
+    if odd:
+        return f"**Servers sent messages of different sizes** in: {', '.join(odd)}."
+    return (
+        f"Every server sent the same bytes per message in each setting (the last message: "
+        f"{seen[0]}-{seen[-1]} bytes, by E)."
+    )
+
+
+GEN_BOUND = 0.85
+"""Load-generator busy share from which a figure is marked as measuring the client too."""
+
+
+def _gen_bound(cell: Cell, *servers: str) -> str:
+    """`` (gen-bound)`` when the load generator was near its limit in these servers' trials."""
+    busy = [v for s in servers for v in cell.values(s, "loadgen_busy")]
+    return " (gen-bound)" if busy and max(busy) >= GEN_BOUND else ""
+
+
 def fanout(cells: Sequence[Cell]) -> list[str]:
     floor = any("floor" in c.servers for c in cells)
     head = "| variant | N | E | longlived | grpc.aio | grpclib |" + (" floor |" if floor else "")
@@ -55,6 +83,7 @@ def fanout(cells: Sequence[Cell]) -> list[str]:
             row.append(_show(c.stat("floor", "server_us_per_msg")))
         row += [_show(c.ratio("server_us_per_msg", OURS, peer), 2) for peer in PEERS]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", _same_bytes(cells)]
     lines += [
         "",
         "### fanout: delivered messages per second; busy = server / load generator; "
@@ -77,6 +106,9 @@ def latency(cells: Sequence[Cell]) -> list[str]:
     lines = [
         "### latency: publish to receive, ms (lower is better)",
         "",
+        f"*(gen-bound)*: the load generator was {GEN_BOUND:.0%} busy or more in a round, so the "
+        "arrival times include its own backlog: read that row as a bound, not a measurement.",
+        "",
         "| setting | server | p50 | p99 | max | p99 / grpc.aio | p99 / grpclib "
         "| busy srv / gen | driver late |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
@@ -88,7 +120,7 @@ def latency(cells: Sequence[Cell]) -> list[str]:
                 ratios[0] = _show(c.ratio("p99_ms", server, "grpc.aio"), 2)
             if server != "grpclib":
                 ratios[1] = _show(c.ratio("p99_ms", server, "grpclib"), 2)
-            row = [c.label, server]
+            row = [c.label, server + _gen_bound(c, server)]
             row += [_show(c.stat(server, m), 2) for m in ("p50_ms", "p99_ms", "max_ms")]
             row += [*ratios, _busy(c, server), _show(c.stat(server, "driver_late_ms"), 1)]
             lines.append("| " + " | ".join(row) + " |")
@@ -181,12 +213,13 @@ def targets(by_workload: dict[str, list[Cell]]) -> list[str]:
         ratios = ", ".join(
             f"{_show(c.ratio('server_us_per_msg', OURS, p), 2)} vs {p}" for p in PEERS
         )
-        lines.append(f"| fanout N={c.params['n']}: server CPU / msg ratio | {ratios} |")
+        bound = _gen_bound(c, OURS, *PEERS)
+        lines.append(f"| fanout N={c.params['n']}: server CPU / msg ratio | {ratios}{bound} |")
     for c in by_workload.get("latency", []):
         lines.append(
             f"| latency {c.label}: p99 ratio vs grpc.aio "
             f"| {_show(c.ratio('p99_ms', OURS, 'grpc.aio'), 2)} "
-            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms) |"
+            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms){_gen_bound(c, OURS, 'grpc.aio')} |"
         )
     for c in by_workload.get("idle", []):
         samples = [s for s in c.samples.get(OURS, []) if "skipped" not in s]

@@ -66,6 +66,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "server_busy": server_cpu / seconds,
         "loadgen_busy": result["cpu"] / seconds,
         "paced": (t1 - t0) / seconds,
+        "last_bytes": result["last_bytes"],
     }
 
 
