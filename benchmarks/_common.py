@@ -30,10 +30,12 @@ __all__ = [
     "SUBSCRIBE",
     "Stubs",
     "child_setup",
+    "cpu_busy",
     "generate_stubs",
     "listen_overflows",
     "load_stubs",
     "numbered",
+    "others",
     "parse_numbered",
     "parse_stamped",
     "payload",
@@ -179,6 +181,35 @@ def listen_overflows() -> int | None:
             if "ListenOverflows" in table:
                 return int(table["ListenOverflows"])
     return None
+
+
+def cpu_busy(cpu: int | None) -> float | None:
+    """Seconds CPU ``cpu`` has been busy since boot, anyone's work (``/proc/stat``), steal
+    time included; None without a CPU or without ``/proc``.
+
+    Over a trial, that minus the pinned process's own CPU time is what other programs took
+    of that CPU (a shared machine), in clock ticks (1/100 s).
+    """
+    if cpu is None:
+        return None
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, *fields = line.split()
+        if name == f"cpu{cpu}":
+            ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+            busy = sum(ticks) - ticks[3] - ticks[4]
+            return busy / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def others(busy0: float | None, busy1: float | None, own: float, seconds: float) -> float | None:
+    """Share of ``seconds`` that a CPU was busy with anything but ``own`` CPU seconds."""
+    if busy0 is None or busy1 is None or seconds <= 0:
+        return None
+    return max(0.0, (busy1 - busy0) - own) / seconds
 
 
 def rss_kb(pid: int | str = "self") -> int:

@@ -60,10 +60,29 @@ GEN_BOUND = 0.85
 """Load-generator busy share from which a figure is marked as measuring the client too."""
 
 
+CONTENDED = 0.10
+"""Share of a pinned CPU other programs took during a trial from which a figure is marked."""
+
+
 def _gen_bound(cell: Cell, *servers: str) -> str:
-    """`` (gen-bound)`` when the load generator was near its limit in these servers' trials."""
+    """`` (gen-bound)`` when the load generator was near its limit in these servers' trials;
+    `` (contended)`` when other programs took a share of the server's or its CPU."""
     busy = [v for s in servers for v in cell.values(s, "loadgen_busy")]
-    return " (gen-bound)" if busy and max(busy) >= GEN_BOUND else ""
+    waits = [
+        v
+        for s in servers
+        for m in ("server_cpu_others", "loadgen_cpu_others")
+        for v in cell.values(s, m)
+    ]
+    marks = " (gen-bound)" if busy and max(busy) >= GEN_BOUND else ""
+    return marks + (" (contended)" if waits and max(waits) >= CONTENDED else "")
+
+
+def _others(cell: Cell, server: str) -> str:
+    srv, gen = cell.stat(server, "server_cpu_others"), cell.stat(server, "loadgen_cpu_others")
+    if srv is None or gen is None:
+        return "-"
+    return f"{srv.median:.0%} / {gen.median:.0%}"
 
 
 def fanout(cells: Sequence[Cell]) -> list[str]:
@@ -107,11 +126,13 @@ def latency(cells: Sequence[Cell]) -> list[str]:
         "### latency: publish to receive, ms (lower is better)",
         "",
         f"*(gen-bound)*: the load generator was {GEN_BOUND:.0%} busy or more in a round, so the "
-        "arrival times include its own backlog: read that row as a bound, not a measurement.",
+        "arrival times include its own backlog: read that row as a bound, not a measurement. "
+        f"*(contended)*: other programs took {CONTENDED:.0%} or more of the server's or the load "
+        "generator's CPU during a round (**others**, from /proc/stat): rerun on a quiet machine.",
         "",
         "| setting | server | p50 | p99 | max | p99 / grpc.aio | p99 / grpclib "
-        "| busy srv / gen | driver late |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| busy srv / gen | others srv / gen | driver late |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in cells:
         for server in c.servers:
@@ -122,7 +143,8 @@ def latency(cells: Sequence[Cell]) -> list[str]:
                 ratios[1] = _show(c.ratio("p99_ms", server, "grpclib"), 2)
             row = [c.label, server + _gen_bound(c, server)]
             row += [_show(c.stat(server, m), 2) for m in ("p50_ms", "p99_ms", "max_ms")]
-            row += [*ratios, _busy(c, server), _show(c.stat(server, "driver_late_ms"), 1)]
+            row += [*ratios, _busy(c, server), _others(c, server)]
+            row.append(_show(c.stat(server, "driver_late_ms"), 1))
             lines.append("| " + " | ".join(row) + " |")
     return lines
 

@@ -17,6 +17,7 @@ import argparse
 from typing import Any
 
 from benchmarks._bench import SERVERS, Bench, Cell
+from benchmarks._common import cpu_busy, others
 
 __all__ = ["VARIANTS", "cells", "trial", "warm_up"]
 
@@ -44,8 +45,11 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     lg.ask("ready", wait, "open", port, n, 1)
     process.ask("subscribed", wait, "wait", n)
     lg.ask("reading", wait, "read", "count", events)
+    server_cpu_id, loadgen_cpu_id = bench.args.server_cpu, bench.args.loadgen_cpu
+    busy0 = cpu_busy(server_cpu_id), cpu_busy(loadgen_cpu_id)
     cpu0, t0, t1 = process.ask("published", wait, "fanout", events, per_turn, bench.args.size)
     (result,) = lg.expect("done", wait)
+    busy1 = cpu_busy(server_cpu_id), cpu_busy(loadgen_cpu_id)
     (cpu1,) = process.ask("cpu", wait, "cpu")
     lg.ask("closed", wait, "close")
     process.ask("stopped", wait, "stop")
@@ -67,6 +71,8 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "loadgen_busy": result["cpu"] / seconds,
         "paced": (t1 - t0) / seconds,
         "last_bytes": result["last_bytes"],
+        "server_cpu_others": others(busy0[0], busy1[0], server_cpu, seconds),
+        "loadgen_cpu_others": others(busy0[1], busy1[1], result["cpu"], seconds),
     }
 
 

@@ -17,6 +17,7 @@ import argparse
 from typing import Any
 
 from benchmarks._bench import SERVERS, Bench, Cell
+from benchmarks._common import cpu_busy, others
 
 __all__ = ["cells", "trial"]
 
@@ -39,11 +40,14 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     lg.ask("ready", wait, "open", port, n, 1)
     process.ask("subscribed", wait, "wait", n)
     lg.ask("reading", wait, "read", "latency", events)
+    server_cpu_id, loadgen_cpu_id = bench.args.server_cpu, bench.args.loadgen_cpu
+    busy0 = cpu_busy(server_cpu_id), cpu_busy(loadgen_cpu_id)
     published = process.ask(
         "published", wait + events / rate, "paced", rate, events, bench.args.size
     )
     cpu0, t0, _, late_ms = published
     (result,) = lg.expect("done", wait)
+    busy1 = cpu_busy(server_cpu_id), cpu_busy(loadgen_cpu_id)
     (cpu1,) = process.ask("cpu", wait, "cpu")
     lg.ask("closed", wait, "close")
     process.ask("stopped", wait, "stop")
@@ -63,4 +67,6 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         "seconds": seconds,
         "server_busy": (cpu1 - cpu0) / seconds,
         "loadgen_busy": result["cpu"] / seconds,
+        "server_cpu_others": others(busy0[0], busy1[0], cpu1 - cpu0, seconds),
+        "loadgen_cpu_others": others(busy0[1], busy1[1], result["cpu"], seconds),
     }
