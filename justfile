@@ -52,3 +52,16 @@ load *ARGS:
 # Fuzz: 20,000 seeded hostile cases against the port while a canary receives (`--seed N`).
 fuzz *ARGS:
     python -m tests.prove.run fuzz {{ARGS}}
+
+# longlived beside a grpc.aio and a plain grpclib peer (fanout, latency, idle, reconnect),
+# one round at small sizes; results in benchmarks/results/quick/ (git-ignored). Needs the
+# dev install (it includes matplotlib); redis-server on PATH adds reconnect's Redis row.
+# Benchmarks, quick (under 3 minutes). See benchmarks/README.md.
+bench *ARGS:
+    python -m benchmarks.run --quick {{ARGS}}
+
+# 3 rounds at the issue's sizes (10,000 streams held 60 s, 1,000 clients across a restart);
+# results in benchmarks/results/, to commit with the figures in benchmarks/README.md.
+# Benchmarks, full (about 50 minutes on 2 cores; run it on a quiet machine).
+bench-full *ARGS:
+    python -m benchmarks.run --full {{ARGS}}

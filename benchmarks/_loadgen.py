@@ -1,20 +1,26 @@
-"""The load generator: one process holding every subscriber of a trial, for both servers.
+"""The load generator: one grpcio process holding every subscriber, the same for all servers.
 
-It is the same client for ours and the peer: N ``Subscribe`` streams spread over a few
-connections, opened with grpclib (the default: one thread, so on a small machine the server
-keeps a core to itself) or grpcio's ``grpc.aio`` (``--client grpcio``; C-core adds threads). It
-reads messages as raw bytes (no per-message parsing: the load generator should cost as
-little as it can) and decodes only each stream's last message, to check that it is the
-trial's last event.
+Subscribers are ``grpc.aio`` calls, one TCP connection per subscriber unless a workload
+puts several streams on one (a channel each, made distinct with ``grpc.channel_id`` and a
+local subchannel pool, or grpcio would share one connection among them). Measured against
+sync grpcio with a thread per stream (even with ``SingleThreadedUnaryStream``), grpc.aio
+cost about the same per message and holds 10,000 streams without 10,000 threads. Messages
+are read as raw bytes, no per-message parsing beyond what the workload needs: fanout
+counts and decodes each stream's last message; latency reads the publish stamp straight
+from the bytes. The process is pinned to its own CPU; its CPU time is reported so a reader
+can see when it, not the server, was the limit.
 
 Commands (orchestrator -> here) and answers::
 
-    ("subscribe", port, n, events, connections)  -> ("ready",) once all N streams are open
-                                                 -> ("done", t_last, cpu_seconds, errors)
-    ("close",)                                   -> ("closed",)
+    ("open", port, n, per_connection)  -> ("ready", seconds)  all n streams have headers
+    ("read", mode, events)             -> ("reading",), then later ("done", result)
+    ("close",)                         -> ("closed",)
+    ("rc", command, *args)             -> see ``_reconnect.Clients``
     ("exit",)
 
-``t_last`` is the ``time.monotonic()`` at which the last of the N x events messages arrived.
+``mode`` is ``count`` (fanout: ``events`` messages per stream, the last must carry seq
+``events``), ``latency`` (the same, and publish-to-arrival times) or ``final`` (idle: one
+message per stream).
 """
 
 from __future__ import annotations
@@ -23,209 +29,221 @@ import asyncio
 import contextlib
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from array import array
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import SUBSCRIBE, Stubs, load_stubs, receive
+from benchmarks._common import SUBSCRIBE, Stubs, child_setup, load_stubs, receive
 
-__all__ = ["CLIENTS", "main"]
+__all__ = ["GRPCIO_OPTIONS", "main"]
 
-CLIENTS = ("grpclib", "grpcio")
+IDLE_TIMEOUT = 3600.0
+OPEN_BATCH = 100
+"""Streams opened at once: more would overflow the server's accept backlog."""
 
-IDLE_TIMEOUT = 1800.0
-"""Seconds to wait for the next trial before giving up on the orchestrator."""
-
-GRPCIO_OPTIONS = [
+GRPCIO_OPTIONS: list[tuple[str, Any]] = [
     # loopback calls must not go to an http(s)_proxy from the environment
     ("grpc.enable_http_proxy", 0),
     # without it, channels with the same target share one TCP connection
     ("grpc.use_local_subchannel_pool", 1),
 ]
 
-Read = Callable[[], Awaitable[bytes | None]]
-"""Reads a stream's next message; None when the stream has ended."""
 
-
-def main(conn: Connection, client: str, stubs_dir: str, timeout: float) -> None:
-    """Process entry point: run trials with ``client`` (one of ``CLIENTS``) until told to exit."""
+def main(conn: Connection, cpu: int | None, stubs_dir: str, timeout: float) -> None:
+    """Process entry point: pin, then run commands until told to exit."""
     try:
-        asyncio.run(_run(conn, client, load_stubs(Path(stubs_dir)), timeout))
+        setup = child_setup(cpu)
+        conn.send(("hello", setup))
+        asyncio.run(_Loadgen(conn, load_stubs(Path(stubs_dir)), timeout).run())
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
         raise
 
 
-async def _run(conn: Connection, client: str, stubs: Stubs, timeout: float) -> None:
-    make: type[_Grpcio | _Grpclib] = _Grpclib if client == "grpclib" else _Grpcio
-    while True:
-        command = await receive(conn, timeout=IDLE_TIMEOUT)
-        if command[0] == "exit":
-            return
-        _, port, n, events, connections = command
-        subscribers = make(stubs)
+class _Loadgen:
+    def __init__(self, conn: Connection, stubs: Stubs, timeout: float) -> None:
+        self.conn = conn
+        self.stubs = stubs
+        self.timeout = timeout
+        self.subscribers: _Subscribers | None = None
+        self.reconnect: Any = None
+
+    async def run(self) -> None:
         try:
-            async with asyncio.timeout(timeout):
-                reads = await subscribers.open(port, n, connections)
-            await _trial(conn, stubs, reads, events=events, timeout=timeout)
+            while True:
+                command = await receive(self.conn, timeout=IDLE_TIMEOUT)
+                if command[0] == "exit":
+                    return
+                await self.handle(*command)
         finally:
-            async with asyncio.timeout(timeout):
+            await self._close()
+
+    async def handle(self, command: str, *args: Any) -> None:
+        if command == "open":
+            self.subscribers = _Subscribers(self.stubs)
+            async with asyncio.timeout(self.timeout):
+                seconds = await self.subscribers.open(*args)
+            self.conn.send(("ready", seconds))
+        elif command == "read":
+            if self.subscribers is None:
+                raise RuntimeError("read before open")
+            result = await self.subscribers.read(self.conn, *args, timeout=self.timeout)
+            self.conn.send(("done", result))
+        elif command == "close":
+            await self._close()
+            self.conn.send(("closed",))
+        elif command == "rc":
+            if self.reconnect is None:
+                from benchmarks._reconnect import Clients
+
+                self.reconnect = Clients(self.stubs)
+            answer = await self.reconnect.handle(*args, timeout=self.timeout)
+            if args[0] == "close":
+                self.reconnect = None
+            self.conn.send(answer)
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+    async def _close(self) -> None:
+        subscribers, self.subscribers = self.subscribers, None
+        if subscribers is not None:
+            async with asyncio.timeout(self.timeout):
                 await subscribers.close()
-        conn.send(("closed",))
+        if self.reconnect is not None:
+            reconnect, self.reconnect = self.reconnect, None
+            await reconnect.handle("close", timeout=self.timeout)
 
 
-async def _trial(
-    conn: Connection, stubs: Stubs, reads: list[Read], *, events: int, timeout: float
-) -> None:
-    """Report ready, count every message, report done, wait for ``close``."""
-    cpu0 = time.process_time()
-    readers = [asyncio.ensure_future(_read(read, events)) for read in reads]
-    conn.send(("ready",))
-    done, pending = await asyncio.wait(readers, timeout=timeout)
-    for reader in pending:
-        reader.cancel()
-    cpu = time.process_time() - cpu0
-    results = [reader.result() for reader in done]
-    errors = _check(stubs, results, n=len(reads), events=events)
-    t_last = max((t for t, _, _ in results), default=0.0)
-    conn.send(("done", t_last, cpu, errors))
-    command = await receive(conn, timeout=timeout)
-    if command[0] != "close":
-        raise RuntimeError(f"expected 'close' from the orchestrator, got {command!r}")
-
-
-async def _read(read: Read, events: int) -> tuple[float, int, bytes | str]:
-    """Read ``events`` messages: (arrival of the last, count, the last message or an error)."""
-    count = 0
-    last: bytes | str = "no message"
-    try:
-        while count < events:
-            message = await read()
-            if message is None:
-                last = f"stream ended after {count} messages"
-                break
-            count += 1
-            last = message
-    except Exception as exc:  # reported to the orchestrator, which fails the trial
-        last = f"stream failed after {count} messages: {exc!r}"
-    return time.monotonic(), count, last
-
-
-def _check(
-    stubs: Stubs, results: list[tuple[float, int, bytes | str]], *, n: int, events: int
-) -> list[str]:
-    """What went wrong: streams that timed out, ended early or did not end on the last event."""
-    errors = [f"{n - len(results)} of {n} streams timed out"] if len(results) < n else []
-    for _, count, last in results:
-        if isinstance(last, str):
-            errors.append(last)
-        elif (seq := stubs.messages.Response.FromString(last).seq) != events or count != events:
-            errors.append(f"{count} messages, the last with seq {seq}; expected {events}")
-    return errors[:10]
-
-
-class _Grpcio:
-    """Subscribers on ``grpc.aio`` channels, one TCP connection each."""
+class _Subscribers:
+    """N ``Subscribe`` calls on grpc.aio channels, read as raw bytes."""
 
     def __init__(self, stubs: Stubs) -> None:
-        self._stubs = stubs
-        self._channels: list[Any] = []
-        self._calls: list[Any] = []
+        self.stubs = stubs
+        self.channels: list[Any] = []
+        self.calls: list[Any] = []
 
-    async def open(self, port: int, n: int, connections: int) -> list[Read]:
+    async def open(self, port: int, n: int, per_connection: int) -> float:
+        """Open ``n`` streams, ``per_connection`` per TCP connection; seconds it took."""
         import grpc
 
-        self._channels = [
-            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPCIO_OPTIONS)
-            for _ in range(min(connections, n))
-        ]
-        request = self._stubs.messages.Request
-        methods = [
-            channel.unary_stream(
-                SUBSCRIBE, request_serializer=request.SerializeToString, response_deserializer=None
-            )
-            for channel in self._channels
-        ]
-        self._calls = [methods[i % len(methods)](request(id=i)) for i in range(n)]
-        await asyncio.gather(*(call.initial_metadata() for call in self._calls))
-        return [self._reader(call, grpc.aio.EOF) for call in self._calls]
+        started = time.monotonic()
+        request = self.stubs.messages.Request
+        for first in range(0, n, OPEN_BATCH):
+            batch = []
+            for i in range(first, min(first + OPEN_BATCH, n)):
+                if i % per_connection == 0:
+                    options = [*GRPCIO_OPTIONS, ("grpc.channel_id", len(self.channels))]
+                    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+                    self.channels.append(channel)
+                    method = channel.unary_stream(
+                        SUBSCRIBE,
+                        request_serializer=request.SerializeToString,
+                        response_deserializer=None,
+                    )
+                call = method(request(id=i))
+                self.calls.append(call)
+                batch.append(call)
+            await asyncio.gather(*(call.initial_metadata() for call in batch))
+            for call in batch:
+                if call.done():  # failed before it could be read: no subscription
+                    raise RuntimeError(f"a stream failed while opening: {await call.code()}")
+        return time.monotonic() - started
 
-    @staticmethod
-    def _reader(call: Any, eof: object) -> Read:
-        async def read() -> bytes | None:
-            message = await call.read()
-            return None if message is eof else message
+    async def read(
+        self, conn: Connection, mode: str, events: int, *, timeout: float
+    ) -> dict[str, Any]:
+        """Read every stream as ``mode`` says; the trial's result for the orchestrator."""
+        import grpc
 
-        return read
+        eof = grpc.aio.EOF
+        latencies = array("q")
+        stamp = mode == "latency"
+        cpu0 = time.process_time()
+
+        async def reader(call: Any) -> tuple[float, int, bytes | str]:
+            count, last = 0, b""
+            try:
+                while count < events:
+                    message = await call.read()
+                    if message is eof:
+                        return time.monotonic(), count, f"stream ended after {count} messages"
+                    if stamp:
+                        latencies.append(time.monotonic_ns() - _stamp(message))
+                    count += 1
+                    last = message
+            except grpc.aio.AioRpcError as exc:
+                return time.monotonic(), count, f"stream failed after {count}: {exc.code()}"
+            return time.monotonic(), count, last
+
+        readers = [asyncio.ensure_future(reader(call)) for call in self.calls]
+        conn.send(("reading",))
+        done, pending = await asyncio.wait(readers, timeout=timeout)
+        cpu = time.process_time() - cpu0
+        for task in pending:
+            task.cancel()
+        results = [task.result() for task in done]
+        errors = [f"{len(pending)} of {len(readers)} streams timed out"] if pending else []
+        last_seq = events if mode != "final" else None
+        errors += self._check(results, events, last_seq)
+        result: dict[str, Any] = {
+            "t_last": max((t for t, _, _ in results), default=0.0),
+            "cpu": cpu,
+            "received": sum(count for _, count, _ in results),
+            # the size of the last message: every server must send the same bytes
+            "last_bytes": next((len(m) for _, _, m in results if isinstance(m, bytes)), None),
+            "errors": errors[:10],
+        }
+        if stamp:
+            result["latency_ms"] = _summary(latencies)
+        return result
+
+    def _check(
+        self, results: list[tuple[float, int, bytes | str]], events: int, last_seq: int | None
+    ) -> list[str]:
+        """Streams that ended early, failed, or whose last message was not the last event."""
+        errors = []
+        for _, count, last in results:
+            if isinstance(last, str):
+                errors.append(last)
+            elif last_seq is not None:
+                seq = self.stubs.messages.Response.FromString(last).seq
+                if seq != last_seq or count != events:
+                    errors.append(f"{count} messages, the last with seq {seq}; expected {events}")
+        return errors
 
     async def close(self) -> None:
-        for call in self._calls:
+        for call in self.calls:
             call.cancel()
-        await asyncio.gather(*(channel.close() for channel in self._channels))
+        for first in range(0, len(self.channels), OPEN_BATCH):
+            await asyncio.gather(*(c.close() for c in self.channels[first : first + OPEN_BATCH]))
+        self.calls, self.channels = [], []
 
 
-class _Grpclib:
-    """Subscribers on grpclib channels, one TCP connection each."""
-
-    def __init__(self, stubs: Stubs) -> None:
-        self._stubs = stubs
-        self._channels: list[Any] = []
-        self._streams: list[Any] = []
-        self._stack = contextlib.AsyncExitStack()
-
-    async def open(self, port: int, n: int, connections: int) -> list[Read]:
-        from grpclib.client import Channel
-
-        self._channels = [
-            Channel("127.0.0.1", port, codec=_raw_codec()) for _ in range(min(connections, n))
-        ]
-        # One stream per connection first, so the server's SETTINGS are acknowledged before
-        # the rest: see the README (a server that raises h2's limit of 100 streams only after
-        # the connection starts enforces 100 until the client acknowledges the new value).
-        count = len(self._channels)
-        for i in range(n):
-            stream = await self._subscribe(i, self._channels[i % count])
-            if i < count:
-                await stream.recv_initial_metadata()
-            self._streams.append(stream)
-        rest = self._streams[count:]
-        await asyncio.gather(*(stream.recv_initial_metadata() for stream in rest))
-        return [stream.recv_message for stream in self._streams]
-
-    async def _subscribe(self, id: int, channel: Any) -> Any:
-        from grpclib.const import Cardinality
-
-        request = channel.request(SUBSCRIBE, Cardinality.UNARY_STREAM, bytes, bytes)
-        stream = await self._stack.enter_async_context(request)
-        await stream.send_request()
-        await stream.send_message(self._stubs.messages.Request(id=id).SerializeToString(), end=True)
-        return stream
-
-    async def close(self) -> None:
-        from grpclib.exceptions import ProtocolError, StreamTerminatedError
-
-        try:
-            for stream in self._streams:
-                with contextlib.suppress(ProtocolError, StreamTerminatedError):
-                    await stream.cancel()  # RST_STREAM: the stream's context then exits at once
-            await self._stack.aclose()
-        finally:
-            for channel in self._channels:
-                channel.close()
+def _stamp(message: bytes) -> int:
+    """The publish stamp in a latency event, read from the encoded ``Response``."""
+    # field 1 (data) comes first: tag 0x0A, a one-byte length, then "iiiiiiii:ssss...".
+    if message[0] == 0x0A and message[1] < 0x80:
+        return int(message[11:31])
+    raise ValueError(f"unexpected message layout: {message[:16]!r}")
 
 
-def _raw_codec() -> Any:
-    """A grpclib codec that passes bytes through both ways."""
-    from grpclib.encoding.base import CodecBase
+def _summary(latencies: array[int]) -> dict[str, Any]:
+    """p50/p90/p99/p99.9/max of ``latencies`` (ns) in ms, and a CDF for the charts."""
+    values = sorted(latencies)
+    if not values:
+        return {"count": 0}
 
-    class RawCodec(CodecBase):
-        __content_subtype__ = "proto"
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] / 1e6
 
-        def encode(self, message: Any, message_type: Any) -> bytes:
-            return message  # type: ignore[no-any-return]
-
-        def decode(self, data: bytes, message_type: Any) -> Any:
-            return data
-
-    return RawCodec()
+    return {
+        "count": len(values),
+        "p50": at(0.50),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "p999": at(0.999),
+        "max": values[-1] / 1e6,
+        "cdf": [round(at(i / 200), 3) for i in range(201)],
+    }

@@ -1,12 +1,8 @@
-"""Our server in the benchmark: a ``SubscriptionManager`` fed by the benchmark driver."""
+"""longlived in the benchmark: a ``SubscriptionManager`` fed by the benchmark's driver."""
 
 from __future__ import annotations
 
-import socket
-
-from _common import payload
-
-from longlived import QueueSettings, Settings, SubscriptionManager
+from longlived import QueueSettings, RedisSettings, Settings, SubscriptionManager
 
 __all__ = ["Ours"]
 
@@ -22,41 +18,57 @@ class _Manager(SubscriptionManager):
 
 
 class Ours:
-    """longlived's ``SubscriptionManager``, default settings but for the queue bound.
+    """longlived's ``SubscriptionManager`` with default settings, but for two things.
 
-    The queue holds a whole trial's events, so a burst that outruns the writers is delivered
-    rather than cut off as a slow subscriber (the peer's queues are unbounded).
+    ``queue.size`` holds a whole trial's events, so a burst that outruns the writers is
+    delivered rather than cut off as a slow subscriber (the peers' queues are unbounded);
+    ``redis.url`` puts the log on Redis (the reconnect workload's loss-free variant).
     """
 
-    name = "ours"
+    def __init__(
+        self, *, name: str, queue: int, redis_url: str | None = None, redis_stream: str = ""
+    ) -> None:
+        self.name = name
+        self._queue = min(max(queue, 1024), _QUEUE_LIMIT)
+        self._redis = RedisSettings(url=redis_url, stream=redis_stream or "longlived-bench")
+        self._shared = redis_url is not None
+        self.manager = self._manager(0)
 
-    def __init__(self, *, events: int, size: int) -> None:
+    def _manager(self, port: int) -> _Manager:
         settings = Settings(
             _env_file=None,  # a .env in the working directory does not change the run
-            address="127.0.0.1:0",
-            queue=QueueSettings(size=min(max(events, 1024), _QUEUE_LIMIT)),
+            address=f"127.0.0.1:{port}",
+            queue=QueueSettings(size=self._queue),
+            redis=self._redis,
         )
-        self.manager = _Manager(settings)
-        self.size = size
+        return _Manager(settings)
 
-    async def start(self) -> int:
-        """Listen on a free loopback port; returns it."""
-        sock = socket.create_server(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        await self.manager.start(sock=sock)
-        return port
+    async def start(self, port: int = 0) -> int:
+        """Listen on loopback ``port`` (0: a free one), as ``longlived serve`` does (the
+        manager makes its own listener); returns the port."""
+        if port:
+            self.manager = self._manager(port)
+        await self.manager.start()
+        return int(self.manager.address.rsplit(":", 1)[1])
 
     def subscribed(self) -> int:
         """Open subscriptions."""
-        return len(self.manager.hub)
+        return len(self.manager.subscribers)
 
     async def wait_subscribed(self, count: int) -> None:
         """Wait until ``count`` subscriptions are open (unbounded: the caller bounds it)."""
         await self.manager.wait_for(lambda: len(self.manager.hub) >= count)
 
-    def publish(self, index: int) -> None:
-        """Publish event ``index`` to every subscriber."""
-        self.manager.publish(payload(index, self.size))
+    def publish(self, data: str, index: int) -> None:
+        """Publish ``data`` to every subscriber (the in-memory log)."""
+        self.manager.publish(data)
+
+    async def emit(self, data: str, index: int) -> None:
+        """Publish ``data`` on whichever log this server has (Redis: once it is appended)."""
+        if self._shared:
+            await self.manager.emit(data)
+        else:
+            self.manager.publish(data)
 
     async def stop(self) -> None:
         """Drain and close the server."""

@@ -1,122 +1,226 @@
-"""The server process: runs one kind of server (ours or the peer) for trial after trial.
+"""The server process: runs one server under test at a time, driven over a pipe.
 
-Per trial it starts a fresh server on a free loopback port, reports the port, and on ``go``
-publishes the trial's events in batches (``asyncio.sleep(0)`` between batches lets the loop
-write), as fast as the server allows. It reports when publishing began (``time.monotonic``,
-the system-wide clock the load generator also reads) and, when asked, the process CPU time
-spent since then: every thread, so grpcio's C-core threads count too.
+It is pinned to the server CPU before anything else runs. The driver (publishing) runs on
+the server's own event loop, as an application's would; every server gets the same calls.
+CPU times are ``time.process_time()``: the whole process, every thread (grpcio's C-core
+threads count too). Times are ``time.monotonic()``, which on Linux is one system-wide
+clock, so the load generator's timestamps compare directly.
 
 Commands (orchestrator -> here) and answers::
 
-    ("trial", n, events, batch, size)  -> ("port", port)
-    ("go",)                            -> ("published", t0, t_published)
-    ("measure",)                       -> ("cpu", seconds)
+    ("start", spec)                    -> ("started", port, t_ready)
+    ("wait", n)                        -> ("subscribed", count)   all n subscriptions open
+    ("rss",)                           -> ("rss", kib)            after a gc.collect()
+    ("cpu",)                           -> ("cpu", process_seconds)
+    ("fanout", events, per_turn, size) -> ("published", cpu0, t0, t1)
+    ("paced", rate, events, size)      -> ("published", cpu0, t0, t1, late_ms)
+    ("one", index, size)               -> ("published", t)        one event
+    ("stream", rate, generation, size) -> ("streaming",)          numbered events until halt
+    ("halt",)                          -> ("halted", last_index)
     ("stop",)                          -> ("stopped",)
     ("exit",)
+
+``spec`` is ``{"kind": ..., "port": 0, "queue": ..., "redis_url": ..., "redis_stream":
+...}``. While streaming, the index of the last event published (for Redis: appended) is
+kept in ``counter``, shared memory the orchestrator reads after it has killed the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from _common import load_stubs, receive
+from benchmarks._common import child_setup, numbered, payload, receive, rss_kb, stamped
 
-__all__ = ["FanoutServer", "main"]
+__all__ = ["KINDS", "Server", "main"]
 
-IDLE_TIMEOUT = 1800.0
-"""Seconds a child waits for its next trial before it gives up on the orchestrator."""
+KINDS = ("longlived", "grpc.aio", "grpclib", "floor")
+IDLE_TIMEOUT = 3600.0
+"""Seconds the process waits for its next command before it gives up on the orchestrator."""
 
 
-class FanoutServer(Protocol):
+class Server(Protocol):
     """What the driver needs of a server under test."""
 
     name: str
 
-    async def start(self) -> int: ...
+    async def start(self, port: int = 0) -> int: ...
     def subscribed(self) -> int: ...
     async def wait_subscribed(self, count: int) -> None: ...
-    def publish(self, index: int) -> None: ...
+    def publish(self, data: str, index: int) -> None: ...
+    async def emit(self, data: str, index: int) -> None: ...
     async def stop(self) -> None: ...
 
 
-def main(conn: Connection, kind: str, stubs_dir: str, timeout: float) -> None:
-    """Process entry point: serve trials of ``kind`` ("ours" or "peer") until told to exit."""
+class Counter(Protocol):
+    value: int
+
+
+def main(
+    conn: Connection, cpu: int | None, stubs_dir: str, timeout: float, counter: Counter
+) -> None:
+    """Process entry point: pin, then serve commands until told to exit."""
     try:
-        asyncio.run(_serve(conn, kind, Path(stubs_dir), timeout))
+        setup = child_setup(cpu)
+        conn.send(("hello", setup))
+        asyncio.run(_Process(conn, Path(stubs_dir), timeout, counter).run())
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
         raise
 
 
-async def _serve(conn: Connection, kind: str, stubs_dir: Path, timeout: float) -> None:
-    factory = _factory(kind, stubs_dir)
-    while True:
-        command = await receive(conn, timeout=IDLE_TIMEOUT)
-        if command[0] == "exit":
-            return
-        _, n, events, batch, size = command
-        await _trial(conn, factory(events, size), n=n, events=events, batch=batch, timeout=timeout)
+def make_server(spec: dict[str, Any], stubs_dir: Path) -> Server:
+    """A fresh server of ``spec["kind"]``; only the grpc.aio peer's process imports grpcio."""
+    kind = spec["kind"]
+    if kind == "longlived":
+        from benchmarks._ours import Ours
 
+        return Ours(
+            name=spec.get("name", kind),
+            queue=spec.get("queue", 1024),
+            redis_url=spec.get("redis_url"),
+            redis_stream=spec.get("redis_stream", ""),
+        )
+    if kind == "grpc.aio":
+        from benchmarks._aio_peer import AioPeer
+        from benchmarks._common import load_stubs
 
-class _Factory(Protocol):
-    def __call__(self, events: int, size: int, /) -> FanoutServer: ...
+        return AioPeer(load_stubs(stubs_dir))
+    if kind == "grpclib":
+        from benchmarks._grpclib_peer import GrpclibPeer
 
+        return GrpclibPeer()
+    if kind == "floor":
+        from benchmarks._floor import Floor
 
-def _factory(kind: str, stubs_dir: Path) -> _Factory:
-    """A constructor of fresh servers of ``kind``; only the peer's process imports grpcio."""
-    if kind == "ours":
-        from _ours import Ours
-
-        return lambda events, size: Ours(events=events, size=size)
-    if kind == "peer":
-        from _peer import Peer
-
-        stubs = load_stubs(stubs_dir)
-        return lambda events, size: Peer(stubs, size=size)
+        return Floor()
     raise ValueError(f"unknown server kind {kind!r}")
 
 
-async def _trial(
-    conn: Connection, server: FanoutServer, *, n: int, events: int, batch: int, timeout: float
-) -> None:
-    """One trial: start, report the port, publish on ``go``, report CPU, stop."""
-    port = await server.start()
-    try:
-        conn.send(("port", port))
-        await _expect(conn, "go", timeout)
-        async with asyncio.timeout(timeout):
-            await server.wait_subscribed(n)
-        if server.subscribed() != n:
-            raise RuntimeError(f"{server.name}: {server.subscribed()} subscribers, expected {n}")
+class _Process:
+    """The command loop, and the server it currently runs."""
+
+    def __init__(self, conn: Connection, stubs_dir: Path, timeout: float, counter: Counter):
+        self.conn = conn
+        self.stubs_dir = stubs_dir
+        self.timeout = timeout
+        self.counter = counter
+        self.server: Server | None = None
+        self.streaming: asyncio.Task[None] | None = None
+        self.halt = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                command = await receive(self.conn, timeout=IDLE_TIMEOUT)
+                if command[0] == "exit":
+                    return
+                answer = await self.handle(*command)
+                self.conn.send(answer)
+        finally:
+            await self._stop()
+
+    @property
+    def _server(self) -> Server:
+        if self.server is None:
+            raise RuntimeError("no server is running")
+        return self.server
+
+    async def handle(self, command: str, *args: Any) -> tuple[Any, ...]:
+        bound = self.timeout
+        async with asyncio.timeout(bound):
+            if command == "start":
+                spec = args[0]
+                self.server = make_server(spec, self.stubs_dir)
+                port = await self.server.start(spec.get("port", 0))
+                return ("started", port, time.monotonic())
+            if command == "wait":
+                await self._server.wait_subscribed(args[0])
+                return ("subscribed", self._server.subscribed())
+            if command == "rss":
+                gc.collect()
+                return ("rss", rss_kb())
+            if command == "cpu":
+                return ("cpu", time.process_time())
+            if command == "one":
+                index, size = args
+                self._server.publish(payload(index, size), index)
+                return ("published", time.monotonic())
+            if command == "stream":
+                self.halt.clear()
+                self.streaming = asyncio.create_task(self._stream(*args))
+                return ("streaming",)
+            if command == "halt":
+                self.halt.set()
+                if self.streaming is not None:
+                    await self.streaming
+                return ("halted", self.counter.value)
+            if command == "stop":
+                await self._stop()
+                return ("stopped",)
+        # the publishing commands are bounded by their own pace, not by the step timeout
+        if command == "fanout":
+            return await self._fanout(*args)
+        if command == "paced":
+            return await self._paced(*args)
+        raise ValueError(f"unknown command {command!r}")
+
+    async def _fanout(self, events: int, per_turn: int, size: int) -> tuple[Any, ...]:
+        """Events 1..``events``, ``per_turn`` of them per loop turn, as fast as it goes."""
+        server = self._server
+        datas = [payload(index, size) for index in range(events + 1)]  # not timed
         gc.collect()
-        cpu0 = time.process_time()
-        t0 = time.monotonic()
-        await _publish(server, events, batch)
-        conn.send(("published", t0, time.monotonic()))
-        await _expect(conn, "measure", timeout)
-        conn.send(("cpu", time.process_time() - cpu0))
-        await _expect(conn, "stop", timeout)
-    finally:
-        async with asyncio.timeout(timeout):
-            await server.stop()
-    conn.send(("stopped",))
+        cpu0, t0 = time.process_time(), time.monotonic()
+        for first in range(1, events + 1, per_turn):
+            for index in range(first, min(first + per_turn, events + 1)):
+                server.publish(datas[index], index)
+            await asyncio.sleep(0)  # the loop turns: writers write
+        return ("published", cpu0, t0, time.monotonic())
 
+    async def _paced(self, rate: float, events: int, size: int) -> tuple[Any, ...]:
+        """Events 1..``events`` at ``rate`` per second, each stamped as it is published."""
+        server = self._server
+        loop = asyncio.get_running_loop()
+        gc.collect()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        late = 0.0
+        for index in range(1, events + 1):
+            due = t0 + (index - 1) / rate
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            late = max(late, loop.time() - due)
+            server.publish(stamped(index, time.monotonic_ns(), size), index)
+        return ("published", cpu0, t0, time.monotonic(), late * 1e3)
 
-async def _publish(server: FanoutServer, events: int, batch: int) -> None:
-    """Publish events 1..``events``, ``batch`` at a time, yielding to the loop in between."""
-    for first in range(1, events + 1, batch):
-        for index in range(first, min(first + batch, events + 1)):
-            server.publish(index)
-        await asyncio.sleep(0)
+    async def _stream(self, rate: float, generation: int, size: int) -> None:
+        """Numbered events at ``rate`` per second until ``halt``; ``counter`` = last index."""
+        server = self._server
+        loop = asyncio.get_running_loop()
+        self.counter.value = 0
+        t0 = loop.time()
+        index = 0
+        while not self.halt.is_set():
+            index += 1
+            await server.emit(numbered(generation, index, size), index)
+            self.counter.value = index  # published (appended, on Redis): it must arrive
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, t0 + index / rate - loop.time())):
+                    await self.halt.wait()
 
-
-async def _expect(conn: Connection, kind: str, timeout: float) -> None:
-    command = await receive(conn, timeout=timeout)
-    if command[0] != kind:
-        raise RuntimeError(f"expected {kind!r} from the orchestrator, got {command!r}")
+    async def _stop(self) -> None:
+        self.halt.set()
+        if self.streaming is not None:
+            with contextlib.suppress(Exception):
+                await self.streaming
+            self.streaming = None
+        if self.server is not None:
+            server, self.server = self.server, None
+            async with asyncio.timeout(self.timeout):
+                await server.stop()

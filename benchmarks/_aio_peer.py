@@ -1,9 +1,10 @@
-"""The peer in the benchmark: the same service on grpcio's asyncio server (``grpc.aio``).
+"""The grpc.aio peer: the same service on grpcio's asyncio server (the official C-core).
 
 It is written the idiomatic grpc.aio way: one ``asyncio.Queue`` per subscriber, a
 ``Subscribe`` handler that is an async generator yielding what its queue holds, and a
 publisher that puts the same ``Response`` object into every queue (grpcio serializes it
-once per stream when it is yielded).
+once per stream when it is yielded). Its messages carry ``seq`` and a ``token`` like
+longlived's, so every server sends the same bytes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from _common import Stubs, payload
 
-__all__ = ["Peer"]
+from benchmarks._common import Stubs
+
+__all__ = ["AioPeer"]
 
 
 class _Servicer:
@@ -52,25 +54,29 @@ class _Servicer:
             queue.put_nowait(None)
         return self._messages.Response()
 
+    async def Publish(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the benchmark")
 
-class Peer:
+
+class AioPeer:
     """A grpc.aio server running ``_Servicer``; messages carry a token like longlived's."""
 
-    name = "peer"
+    name = "grpc.aio"
 
-    def __init__(self, stubs: Stubs, *, size: int) -> None:
+    def __init__(self, stubs: Stubs) -> None:
         self._stubs = stubs
         self._servicer = _Servicer(stubs.messages)
         self._server = grpc.aio.server()
         self._epoch = secrets.token_hex(8)
-        self.size = size
 
-    async def start(self) -> int:
-        """Listen on a free loopback port; returns it."""
+    async def start(self, port: int = 0) -> int:
+        """Listen on loopback ``port`` (0: a free one); returns it."""
         self._stubs.services.add_LonglivedServicer_to_server(self._servicer, self._server)
-        port: int = self._server.add_insecure_port("127.0.0.1:0")
+        bound: int = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        if bound == 0:
+            raise OSError(f"grpc.aio could not listen on 127.0.0.1:{port}")
         await self._server.start()
-        return port
+        return bound
 
     def subscribed(self) -> int:
         """Open subscriptions."""
@@ -82,13 +88,16 @@ class Peer:
             self._servicer.changed.clear()
             await self._servicer.changed.wait()
 
-    def publish(self, index: int) -> None:
-        """Publish event ``index`` to every subscriber."""
+    def publish(self, data: str, index: int) -> None:
+        """Publish event ``index`` with ``data`` to every subscriber."""
         message = self._stubs.messages.Response(
-            data=payload(index, self.size), seq=index, token=f"{self._epoch}:{index}"
+            data=data, seq=index, token=f"{self._epoch}:{index}"
         )
         for queue in self._servicer.queues.values():
             queue.put_nowait(message)
+
+    async def emit(self, data: str, index: int) -> None:
+        self.publish(data, index)
 
     async def stop(self) -> None:
         """Stop the server, cancelling what is still open."""

@@ -1,0 +1,1 @@
+"""longlived's benchmark suite: ``python -m benchmarks.run --quick`` (see README.md)."""
