@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from longlived.settings import KeepaliveSettings
 
 __all__ = [
+    "LISTEN_BACKLOG",
     "WHOLE_WAIT",
     "WRITE_CAP",
     "ConnectionLimits",
@@ -93,6 +94,11 @@ WRITE_CAP = 65_536
 
 WHOLE_WAIT = 1.0
 """Seconds a message waits for the window to take it whole before it goes out in pieces."""
+
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues before the server accepts them (capped by
+``net.core.somaxconn``). Every client comes back at once after a restart: with grpclib's
+100, most of a thousand clients' SYNs were dropped, and each waited for TCP to retry."""
 
 _HIGH_WATER = 65_536
 """Connection write buffer at which writers pause (asyncio's default, set explicitly)."""
@@ -989,8 +995,10 @@ class GrpcServer(grpclib.server.Server):
 
     async def start(self, *args: Any, ssl: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         """grpclib's ``start``; with ``ssl``, each connection's handshake goes through
-        ``_TlsProtocol`` (the listener itself is plain TCP)."""
+        ``_TlsProtocol`` (the listener itself is plain TCP). The listen backlog is
+        ``LISTEN_BACKLOG`` (also for a socket handed in: asyncio calls ``listen`` again)."""
         self._tls = ssl
+        kwargs.setdefault("backlog", LISTEN_BACKLOG)
         await super().start(*args, **kwargs)
 
     def _protocol_factory(self) -> Any:  # an H2Protocol, or a _TlsProtocol around one

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +28,7 @@ from longlived import (
     Settings,
     SubscriptionManager,
 )
+from longlived._transport import LISTEN_BACKLOG
 from tests.helpers import channel_for, receive, subscription
 from tests.test_cli import Process, free_port, got_from
 
@@ -388,3 +390,35 @@ async def test_connections_on_a_socket_handed_in_have_tcp_nodelay(
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         channel.close()
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen backlog."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the backlog")
+@pytest.mark.parametrize("handed_in", [True, False], ids=["socket-handed-in", "address"])
+async def test_the_listener_queues_a_thousand_clients_coming_back(
+    quiet: Settings, listener: socket.socket, handed_in: bool
+) -> None:
+    """grpclib's listen backlog of 100 dropped most SYNs of 1,000 clients reconnecting after
+    a restart (each then waited for TCP's retry); the kernel reports the backlog of a
+    listening socket as its Send-Q."""
+    port = listener.getsockname()[1]
+    if not handed_in:
+        listener.close()
+    manager = SubscriptionManager(quiet)
+    await manager.start(sock=listener if handed_in else None)
+    try:
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-Hltn", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(TIMEOUT):
+            out, _ = await ss.communicate()
+        backlog = int(out.split()[2])  # State Recv-Q Send-Q ...
+        assert backlog == min(LISTEN_BACKLOG, somaxconn())
+        assert backlog >= 1000
+    finally:
+        await manager.close()
