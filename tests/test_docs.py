@@ -5,8 +5,6 @@ docstring (the reference hides members without one), and every setting is listed
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from pydantic.fields import FieldInfo
 import longlived
 from docs.hooks import env_var, settings_markdown
 from longlived.settings import ENV_PREFIX, Settings
+from tests.snippets import ROOT, run_snippet, type_check
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.M | re.S)
@@ -38,24 +36,12 @@ def test_the_docs_have_snippets() -> None:
 
 @pytest.mark.parametrize(("page", "snippet"), SNIPPETS, ids=[p for p, _ in SNIPPETS])
 def test_a_docs_snippet_runs(page: str, snippet: str, tmp_path: Path) -> None:
-    module = tmp_path / "snippet.py"
-    module.write_text(snippet)
-    ran = subprocess.run(
-        [sys.executable, str(module)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={"PYTHONPATH": str(ROOT), "PATH": ""},
-    )  # fmt: skip
+    ran = run_snippet(snippet, tmp_path)
     assert ran.returncode == 0, f"{page}:\n{ran.stderr}"
 
 
 def test_every_docs_snippet_type_checks(tmp_path: Path) -> None:
-    modules = []
-    for number, (_, snippet) in enumerate(SNIPPETS):
-        modules.append(tmp_path / f"snippet_{number}.py")
-        modules[-1].write_text(snippet)
-    checked = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *map(str, modules)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    checked = type_check([snippet for _, snippet in SNIPPETS], tmp_path)
     assert checked.returncode == 0, checked.stdout
 
 
