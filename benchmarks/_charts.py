@@ -60,6 +60,16 @@ def _bars(ax: Any, cells: Sequence[Cell], metric: str, servers: Sequence[str]) -
     ax.grid(axis="y", alpha=0.3)
 
 
+def _save(fig: Any, path: Path, title: str) -> None:
+    """Title ``fig`` with the run's header, write it to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _servers(cells: Sequence[Cell]) -> list[str]:
     seen: list[str] = []
     for cell in cells:
@@ -79,10 +89,7 @@ def _fanout(cells: Sequence[Cell], path: Path, title: str) -> None:
         ax.set_title(f"fanout, {variant} ({per_turn} event{'s' * (per_turn > 1)} per loop turn)")
         ax.set_ylabel("server CPU us per delivered message")
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def _latency(cells: Sequence[Cell], path: Path, title: str) -> None:
@@ -107,10 +114,7 @@ def _latency(cells: Sequence[Cell], path: Path, title: str) -> None:
         ax.set_title(f"latency, {cell.label}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def _idle(cells: Sequence[Cell], path: Path, title: str) -> None:
@@ -121,10 +125,7 @@ def _idle(cells: Sequence[Cell], path: Path, title: str) -> None:
     ax.set_title("idle: server memory per open stream")
     ax.set_ylabel("KiB per stream (VmRSS delta / N)")
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def _reconnect(cells: Sequence[Cell], path: Path, title: str) -> None:
@@ -145,7 +146,4 @@ def _reconnect(cells: Sequence[Cell], path: Path, title: str) -> None:
     ax.set_ylabel("seconds from server ready until all receive")
     ax.set_title(f"reconnect, {cell.label} (dashed: max(5 s, one backoff delay))")
     ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
