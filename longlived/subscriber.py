@@ -48,17 +48,17 @@ class Subscriber:
     """One open subscription: id, topics, a bounded queue of encoded messages, an end.
 
     Thousands are held for days, mostly idle: the queue is a plain list, and the writer's
-    wake-up and the abort event are made only when someone waits on them.
+    wake-up is a future made only while it waits.
     """
 
     __slots__ = (
-        "_aborted",
         "_allowance",
         "_direct_at",
         "_flush_timer",
         "_parked",
         "_queue",
         "_waiter",
+        "aborted",
         "control",
         "end_reason",
         "gap",
@@ -94,7 +94,10 @@ class Subscriber:
         """It follows the keyed state: a lost position gets a fresh snapshot, not RESET."""
         self.end_reason: EndReason | None = None
         """Why its stream ended (None while it is open)."""
-        self._aborted: asyncio.Event | bool = False  # an Event once someone asked for it
+        self.aborted = asyncio.Event()
+        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
+        flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
+        on the peer races it."""
         self._queue: list[bytes] = []
         self._allowance = 0  # replayed messages still queued: they do not count as lag
         self._waiter: asyncio.Future[None] | None = None  # the writer's wake-up, in take()
@@ -110,20 +113,6 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"<Subscriber id={self.id} queued={len(self._queue)} end={self.end_reason}>"
-
-    @property
-    def aborted(self) -> asyncio.Event:
-        """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
-        flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
-        on the peer races it."""
-        aborted = self._aborted
-        if isinstance(aborted, asyncio.Event):
-            return aborted
-        event = asyncio.Event()
-        if aborted:
-            event.set()
-        self._aborted = event
-        return event
 
     @property
     def queued(self) -> int:
@@ -194,10 +183,7 @@ class Subscriber:
     def abort(self) -> None:
         """Abandon whatever is still queued (an unsubscribed peer that does not read)."""
         self.drop_all()
-        if isinstance(self._aborted, asyncio.Event):
-            self._aborted.set()
-        else:
-            self._aborted = True
+        self.aborted.set()
         self._wake()
 
     def _wake(self) -> None:
