@@ -1029,10 +1029,11 @@ class GrpcServer(grpclib.server.Server):
     @property
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the listening socket, once started."""
-        listener = self._server
-        if not isinstance(listener, asyncio.Server) or not listener.sockets:
+        # no isinstance check: uvloop's Server is not an asyncio.Server
+        sockets = getattr(self._server, "sockets", None)
+        if not sockets:
             return None
-        host, port = listener.sockets[0].getsockname()[:2]
+        host, port = sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def wait_disconnected(self, timeout: float) -> bool:

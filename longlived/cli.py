@@ -12,15 +12,16 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib.util
 import json
 import logging
 import queue
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
@@ -403,7 +404,28 @@ def _run(command: Command, settings: Settings) -> int | None:
         return await command(settings, stop)
 
     with contextlib.suppress(asyncio.CancelledError):
-        return asyncio.run(runner())
+        return _event_loop(settings.event_loop)(runner())
+    return None
+
+
+def _event_loop(name: str) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """``asyncio.run``, or ``uvloop.run`` for ``event_loop = uvloop`` (``main`` has checked
+    that uvloop is there)."""
+    if name != "uvloop":
+        return asyncio.run
+    import uvloop
+
+    run: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
+    return run
+
+
+def _missing_loop(name: str) -> str | None:
+    """Why ``event_loop = name`` cannot run here, or None."""
+    if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        return (
+            "event_loop is uvloop, but uvloop is not installed "
+            "(pip install 'longlived[uvloop]', or --event-loop asyncio)"
+        )
     return None
 
 
@@ -424,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SettingsError as exc:
         print(f"longlived: {format_settings_error(exc)}", file=sys.stderr)
+        return 2
+    missing = _missing_loop(settings.event_loop)
+    if missing is not None:
+        print(f"longlived: {missing}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level, settings.log_format)
     publish = _Publish(

@@ -458,6 +458,11 @@ class Settings(BaseSettings):
     )  # fmt: skip
     health: bool = Field(default=True, description="serve grpc.health.v1 (Check and Watch)")
     reflection: bool = Field(default=True, description="serve gRPC server reflection")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        default="asyncio",
+        description="the event loop the command runs on: `uvloop` (the `longlived[uvloop]` "
+        "extra) costs less per write, most with few subscribers per event",
+    )
     log_format: Literal["plain", "json"] = Field(
         default="plain", description="CLI log lines: plain text or JSON objects"
     )

@@ -1,15 +1,40 @@
-"""Shared fixtures: real servers on ephemeral loopback ports."""
+"""Shared fixtures: real servers on ephemeral loopback ports; the event loops tests run on."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
 
 from longlived import BackoffSettings, Settings, SubscriptionManager
 from tests.helpers import running
 from tests.test_cli import Process
+
+ON_UVLOOP = {"test_attacks", "test_edges", "test_resume", "test_security", "test_transport"}
+"""Modules whose async tests also run on uvloop (``longlived[uvloop]``): where the server
+meets the socket. ``TEST_LOOPS=asyncio,uvloop`` runs every async test on both."""
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop for every test; uvloop's too for ``ON_UVLOOP`` (or as TEST_LOOPS says)."""
+    wanted = os.environ.get("TEST_LOOPS")
+    if wanted:
+        names = set(wanted.split(","))
+    else:
+        names = {"asyncio", "uvloop"} if item.path.stem in ON_UVLOOP else {"asyncio"}
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {}
+    if "asyncio" in names:
+        factories["asyncio"] = asyncio.new_event_loop
+    if "uvloop" in names:
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 @pytest.fixture

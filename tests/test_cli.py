@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import re
@@ -438,3 +439,31 @@ async def test_publish_usage_errors_exit_2(args: list[str], message: str) -> Non
     code, out, err = await publish(*args, stdin=b"")
     assert (code, out) == (2, [])
     assert message in err[-1]
+
+
+async def test_demo_runs_on_uvloop(processes: list[Process]) -> None:
+    """``--event-loop uvloop``: the server listens where it says and the clients get events
+    (on uvloop, ``manager.address`` once said port 0: its Server is no asyncio.Server)."""
+    demo = await Process.start(
+        "demo", "--event-loop", "uvloop", "--address", "127.0.0.1:0", "--count", "2",
+        "--stagger", "0", "--interval", "0.1",
+    )  # fmt: skip
+    processes.append(demo)
+    async with asyncio.timeout(TIMEOUT):
+        await demo.wait_for(lambda lines: got_from(lines) == {1, 2})
+    assert await demo.stop(signal.SIGINT) == 0
+    [listening] = [line for line in demo.lines if "Listening on" in line]
+    assert not listening.endswith(":0")
+
+
+def test_uvloop_asked_for_but_not_installed_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    assert main(["serve", "--event-loop", "uvloop", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "uvloop is not installed" in err
+    assert "longlived[uvloop]" in err

@@ -422,3 +422,24 @@ async def test_the_listener_queues_a_thousand_clients_coming_back(
         assert backlog >= 1000
     finally:
         await manager.close()
+
+
+async def test_a_server_on_port_zero_says_the_port_it_listens_on(
+    request: pytest.FixtureRequest,
+) -> None:
+    """``address`` of a server started on port 0 is where clients reach it, on either event
+    loop (on uvloop it said port 0: uvloop's Server is not an ``asyncio.Server``)."""
+    on_uvloop = "uvloop" in request.node.name
+    assert ("uvloop" in type(asyncio.get_running_loop()).__module__) == on_uvloop
+    manager = SubscriptionManager(Settings(address="127.0.0.1:0", interval=3600))
+    await manager.start()
+    host, port = manager.address.rsplit(":", 1)
+    channel = Channel(host, int(port))
+    try:
+        assert int(port) != 0
+        async with subscription(channel, 5) as stream:
+            manager.publish("hello")
+            assert await receive(stream, 1) == ["hello"]
+    finally:
+        channel.close()
+        await manager.close()
