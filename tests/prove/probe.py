@@ -10,7 +10,7 @@ import os
 import platform
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -49,6 +49,10 @@ class Resources:
             and self.subscribers <= baseline.subscribers
             and self.connections <= baseline.connections
         )
+
+    def most(self, other: Resources) -> Resources:
+        """The larger of each figure of the two samples."""
+        return Resources(*(max(a, b) for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def figures(self) -> str:
         return (

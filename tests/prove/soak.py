@@ -22,7 +22,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from grpclib.client import Channel, Stream
@@ -101,7 +101,9 @@ class Soak:
 
 
 class _Peak:
-    """Samples the server every ``period`` seconds while a phase runs; keeps the largest RSS."""
+    """Samples the server every ``period`` seconds while a phase runs; keeps the largest of
+    each figure (not the sample with the largest RSS: RSS may not grow at all, and that
+    sample may be the first, taken before any connection was open)."""
 
     def __init__(self, child: Child, period: float) -> None:
         self.child = child
@@ -110,19 +112,22 @@ class _Peak:
 
     async def run(self) -> None:
         while True:
-            now = await sample(self.child)
-            if self.peak is None or now.rss_kb > self.peak.rss_kb:
-                self.peak = now
+            await self.take()
             await asyncio.sleep(self.period)  # the sampling period, not a synchronisation
+
+    async def take(self) -> None:
+        """One sample now (also asked for by a phase at its busiest)."""
+        now = await sample(self.child)
+        self.peak = now if self.peak is None else self.peak.most(now)
 
 
 @contextlib.asynccontextmanager
-async def _sampled(child: Child, phase: Phase, period: float) -> AsyncIterator[None]:
+async def _sampled(child: Child, phase: Phase, period: float) -> AsyncIterator[_Peak]:
     peak = _Peak(child, period)
     task = asyncio.create_task(peak.run())
     start = time.monotonic()
     try:
-        yield
+        yield peak
     finally:
         phase.seconds = time.monotonic() - start
         task.cancel()
@@ -215,16 +220,27 @@ class _Cycler:
 
 
 async def churn(
-    settings: Settings, token: str, phase: Phase, *, count: int, workers: int, seed: int
+    settings: Settings,
+    token: str,
+    phase: Phase,
+    *,
+    count: int,
+    workers: int,
+    seed: int,
+    midway: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """``count`` cycles over ``workers`` connections; the worker whose cycle number is a
-    multiple of 500 renews its connection after it (besides the ``disconnect`` endings)."""
+    multiple of 500 renews its connection after it (besides the ``disconnect`` endings).
+    The worker that takes cycle ``count // 2`` awaits ``midway()`` first (a sample while
+    every worker is connected: a short phase may end before the periodic one)."""
     rng = random.Random(seed)
     plan = iter([(n + 1, rng.choice(ENDINGS)) for n in range(count)])
 
     async def work(cycler: _Cycler) -> None:
         try:
             for id, ending in plan:  # shared: every worker takes the next one
+                if id == count // 2 and midway is not None:
+                    await midway()
                 await cycler.cycle(id, ending)
                 if id % 500 == 0:
                     cycler.renew()
@@ -332,8 +348,9 @@ async def soak(
             run.phases.append(warm)
         cycled = Phase("cycles")
         token = await _recent(child)
-        async with _sampled(child, cycled, period):
-            await churn(settings, token, cycled, count=cycles, workers=workers, seed=seed + 1)
+        async with _sampled(child, cycled, period) as peak:
+            await churn(settings, token, cycled, count=cycles, workers=workers, seed=seed + 1,
+                        midway=peak.take)  # fmt: skip
         cycled.after = await _settled(child, run.baseline)
         run.phases.append(cycled)
         feed = Phase("stream")
