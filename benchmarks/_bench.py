@@ -18,10 +18,35 @@ from typing import Any
 from benchmarks import _loadgen, _serve
 from benchmarks._child import SLACK, Child, shared_counter
 
-__all__ = ["SERVERS", "Bench", "Cell", "Stat", "rotate", "spec", "stat"]
+__all__ = [
+    "SERVERS",
+    "UVLOOP",
+    "Bench",
+    "Cell",
+    "Stat",
+    "extra_servers",
+    "loop_of",
+    "rotate",
+    "spec",
+    "stat",
+]
 
 SERVERS = ("longlived", "grpc.aio", "grpclib")
 """The servers every workload runs side by side (``floor`` joins fanout when asked)."""
+
+UVLOOP = "longlived+uvloop"
+"""longlived on uvloop: joins fanout, latency and idle when uvloop is installed."""
+
+
+def loop_of(server: str) -> str:
+    """The event loop the process of ``server`` runs."""
+    return "uvloop" if server == UVLOOP else "asyncio"
+
+
+def extra_servers(args: argparse.Namespace) -> list[str]:
+    """Servers besides ``SERVERS`` that fanout and latency run: floor, longlived+uvloop."""
+    extra = ["floor"] if args.floor else []
+    return [UVLOOP, *extra] if args.uvloop else extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +127,17 @@ class Bench:
         self.stubs_dir = stubs_dir
         self.wait = args.timeout + SLACK
         self.loadgen = Child(
-            "loadgen", _loadgen.main, args.loadgen_cpu, str(stubs_dir), args.timeout
+            "loadgen",
+            _loadgen.main,
+            args.loadgen_cpu,
+            str(stubs_dir),
+            args.timeout,
+            args.loadgen_loop,
         )
         self.redis_url: str | None = None
 
-    def server_process(self) -> Child:
-        """A fresh server process, pinned to the server CPU (the caller closes it)."""
+    def server_process(self, server: str = "longlived") -> Child:
+        """A fresh process for ``server``, pinned to the server CPU (the caller closes it)."""
         counter = shared_counter()
         child = Child(
             "server",
@@ -116,6 +146,7 @@ class Bench:
             str(self.stubs_dir),
             self.args.timeout,
             counter,
+            loop_of(server),
         )
         child.counter = counter  # read after a kill -9
         return child
@@ -130,6 +161,8 @@ class Bench:
 
 def spec(server: str, *, redis_url: str | None = None, **extra: Any) -> dict[str, Any]:
     """The ``start`` command's spec for the server labelled ``server``."""
+    if server == UVLOOP:
+        return {"kind": "longlived", "name": server, **extra}
     if server == "longlived+redis":
         if redis_url is None:
             raise RuntimeError("longlived+redis needs a redis-server")

@@ -12,6 +12,7 @@ __all__ = ["charts"]
 
 COLORS = {
     "longlived": "#1f77b4",
+    "longlived+uvloop": "#9467bd",
     "longlived+redis": "#17becf",
     "grpc.aio": "#ff7f0e",
     "grpclib": "#2ca02c",

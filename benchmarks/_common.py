@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import sys
+from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,7 +43,9 @@ __all__ = [
     "raise_nofile",
     "receive",
     "rss_kb",
+    "stamp",
     "stamped",
+    "summary",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,3 +242,31 @@ async def receive(conn: Connection, *, timeout: float) -> tuple[Any, ...]:
         loop.remove_reader(conn.fileno())
     message: tuple[Any, ...] = conn.recv()
     return message
+
+
+def stamp(message: bytes) -> int:
+    """The publish stamp in a latency event, read from the encoded ``Response``."""
+    # field 1 (data) comes first: tag 0x0A, a one-byte length, then "iiiiiiii:ssss...".
+    if message[0] == 0x0A and message[1] < 0x80:
+        return int(message[11:31])
+    raise ValueError(f"unexpected message layout: {message[:16]!r}")
+
+
+def summary(latencies: array[int]) -> dict[str, Any]:
+    """p50/p90/p99/p99.9/max of ``latencies`` (ns) in ms, and a CDF for the charts."""
+    values = sorted(latencies)
+    if not values:
+        return {"count": 0}
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] / 1e6
+
+    return {
+        "count": len(values),
+        "p50": at(0.50),
+        "p90": at(0.90),
+        "p99": at(0.99),
+        "p999": at(0.999),
+        "max": values[-1] / 1e6,
+        "cdf": [round(at(i / 200), 3) for i in range(201)],
+    }

@@ -12,7 +12,7 @@ can see when it, not the server, was the limit.
 
 Commands (orchestrator -> here) and answers::
 
-    ("open", port, n, per_connection)  -> ("ready", seconds)  all n streams have headers
+    ("open", port, n, per_connection, kind) -> ("ready", seconds)  all n streams have headers
     ("read", mode, events)             -> ("reading",), then later ("done", result)
     ("close",)                         -> ("closed",)
     ("rc", command, *args)             -> see ``_reconnect.Clients``
@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import SUBSCRIBE, Stubs, child_setup, load_stubs, receive
+from benchmarks._common import SUBSCRIBE, Stubs, child_setup, load_stubs, receive, stamp, summary
 
 __all__ = ["GRPCIO_OPTIONS", "main"]
 
@@ -50,16 +50,32 @@ GRPCIO_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def main(conn: Connection, cpu: int | None, stubs_dir: str, timeout: float) -> None:
-    """Process entry point: pin, then run commands until told to exit."""
+def main(conn: Connection, cpu: int | None, stubs_dir: str, timeout: float, loop: str) -> None:
+    """Process entry point: pin, then run commands until told to exit.
+
+    ``loop`` is ``uvloop`` (when it is installed) or ``asyncio``: the generator's event loop.
+    Its cost per socket read is part of every arrival time, and uvloop's is the smaller.
+    """
     try:
         setup = child_setup(cpu)
+        runner = _runner(loop)
+        setup["loop"] = loop if runner is not asyncio.run else "asyncio"
         conn.send(("hello", setup))
-        asyncio.run(_Loadgen(conn, load_stubs(Path(stubs_dir)), timeout).run())
+        runner(_Loadgen(conn, load_stubs(Path(stubs_dir)), timeout).run())
     except Exception:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
         raise
+
+
+def _runner(loop: str) -> Any:
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run
+        return uvloop.run
+    return asyncio.run
 
 
 class _Loadgen:
@@ -82,9 +98,10 @@ class _Loadgen:
 
     async def handle(self, command: str, *args: Any) -> None:
         if command == "open":
-            self.subscribers = _Subscribers(self.stubs)
+            *where, kind = args
+            self.subscribers = _Subscribers(self.stubs) if kind == "grpcio" else _raw(self.stubs)
             async with asyncio.timeout(self.timeout):
-                seconds = await self.subscribers.open(*args)
+                seconds = await self.subscribers.open(*where)
             self.conn.send(("ready", seconds))
         elif command == "read":
             if self.subscribers is None:
@@ -114,6 +131,12 @@ class _Loadgen:
         if self.reconnect is not None:
             reconnect, self.reconnect = self.reconnect, None
             await reconnect.handle("close", timeout=self.timeout)
+
+
+def _raw(stubs: Stubs) -> Any:
+    from benchmarks._rawgen import RawSubscribers
+
+    return RawSubscribers(stubs)
 
 
 class _Subscribers:
@@ -159,7 +182,7 @@ class _Subscribers:
 
         eof = grpc.aio.EOF
         latencies = array("q")
-        stamp = mode == "latency"
+        stamping = mode == "latency"
         cpu0 = time.process_time()
 
         async def reader(call: Any) -> tuple[float, int, bytes | str]:
@@ -169,8 +192,8 @@ class _Subscribers:
                     message = await call.read()
                     if message is eof:
                         return time.monotonic(), count, f"stream ended after {count} messages"
-                    if stamp:
-                        latencies.append(time.monotonic_ns() - _stamp(message))
+                    if stamping:
+                        latencies.append(time.monotonic_ns() - stamp(message))
                     count += 1
                     last = message
             except grpc.aio.AioRpcError as exc:
@@ -195,8 +218,8 @@ class _Subscribers:
             "last_bytes": next((len(m) for _, _, m in results if isinstance(m, bytes)), None),
             "errors": errors[:10],
         }
-        if stamp:
-            result["latency_ms"] = _summary(latencies)
+        if stamping:
+            result["latency_ms"] = summary(latencies)
         return result
 
     def _check(
@@ -219,31 +242,3 @@ class _Subscribers:
         for first in range(0, len(self.channels), OPEN_BATCH):
             await asyncio.gather(*(c.close() for c in self.channels[first : first + OPEN_BATCH]))
         self.calls, self.channels = [], []
-
-
-def _stamp(message: bytes) -> int:
-    """The publish stamp in a latency event, read from the encoded ``Response``."""
-    # field 1 (data) comes first: tag 0x0A, a one-byte length, then "iiiiiiii:ssss...".
-    if message[0] == 0x0A and message[1] < 0x80:
-        return int(message[11:31])
-    raise ValueError(f"unexpected message layout: {message[:16]!r}")
-
-
-def _summary(latencies: array[int]) -> dict[str, Any]:
-    """p50/p90/p99/p99.9/max of ``latencies`` (ns) in ms, and a CDF for the charts."""
-    values = sorted(latencies)
-    if not values:
-        return {"count": 0}
-
-    def at(q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))] / 1e6
-
-    return {
-        "count": len(values),
-        "p50": at(0.50),
-        "p90": at(0.90),
-        "p99": at(0.99),
-        "p999": at(0.999),
-        "max": values[-1] / 1e6,
-        "cdf": [round(at(i / 200), 3) for i in range(201)],
-    }

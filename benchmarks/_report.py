@@ -10,6 +10,7 @@ from benchmarks._bench import Cell, Stat
 __all__ = ["markdown"]
 
 OURS = "longlived"
+UVLOOP = "longlived+uvloop"
 PEERS = ("grpc.aio", "grpclib")
 
 
@@ -85,38 +86,50 @@ def _others(cell: Cell, server: str) -> str:
     return f"{srv.median:.0%} / {gen.median:.0%}"
 
 
+def _present(cells: Sequence[Cell], *servers: str) -> list[str]:
+    return [s for s in servers if any(s in c.servers for c in cells)]
+
+
 def fanout(cells: Sequence[Cell]) -> list[str]:
-    floor = any("floor" in c.servers for c in cells)
-    head = "| variant | N | E | longlived | grpc.aio | grpclib |" + (" floor |" if floor else "")
+    ours = _present(cells, OURS, UVLOOP)
+    columns = [*ours, *PEERS, *_present(cells, "floor")]
+    pairs = [(a, b) for a in ours for b in PEERS]
     lines = [
         "### fanout: server CPU us per delivered message (lower is better)",
         "",
-        head + " longlived / grpc.aio | longlived / grpclib |",
-        "|---|--:|--:|--:|--:|--:|" + ("--:|" if floor else "") + "--:|--:|",
+        "| variant | N | E | " + " | ".join([*columns, *(f"{a} / {b}" for a, b in pairs)]) + " |",
+        "|---|--:|--:|" + "--:|" * (len(columns) + len(pairs)),
     ]
     for c in cells:
         p = c.params
         row = [p["variant"], str(p["n"]), str(p["events"])]
-        row += [_show(c.stat(s, "server_us_per_msg")) for s in (OURS, *PEERS)]
-        if floor:
-            row.append(_show(c.stat("floor", "server_us_per_msg")))
-        row += [_show(c.ratio("server_us_per_msg", OURS, peer), 2) for peer in PEERS]
+        row += [_show(c.stat(s, "server_us_per_msg")) for s in columns]
+        row += [_show(c.ratio("server_us_per_msg", a, b), 2) for a, b in pairs]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", _same_bytes(cells)]
+    servers = [*ours, *PEERS]
     lines += [
         "",
         "### fanout: delivered messages per second; busy = server / load generator; "
         "paced = publishing time / delivery time",
         "",
-        "| variant | N | longlived msg/s | grpc.aio msg/s | grpclib msg/s "
-        "| busy longlived | busy grpc.aio | busy grpclib | paced longlived | grpc.aio | grpclib |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| variant | N | "
+        + " | ".join(
+            [
+                *(f"{s} msg/s" for s in servers),
+                *(f"busy {s}" for s in servers),
+                f"paced {servers[0]}",
+                *servers[1:],
+            ]
+        )
+        + " |",
+        "|---|--:|" + "--:|" * 3 * len(servers),
     ]
     for c in cells:
         row = [c.params["variant"], str(c.params["n"])]
-        row += [_show(c.stat(s, "msgs_per_s"), 0) for s in (OURS, *PEERS)]
-        row += [_busy(c, s) for s in (OURS, *PEERS)]
-        row += [_percent(c.stat(s, "paced")) for s in (OURS, *PEERS)]
+        row += [_show(c.stat(s, "msgs_per_s"), 0) for s in servers]
+        row += [_busy(c, s) for s in servers]
+        row += [_percent(c.stat(s, "paced")) for s in servers]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -235,13 +248,18 @@ def targets(by_workload: dict[str, list[Cell]]) -> list[str]:
         ratios = ", ".join(
             f"{_show(c.ratio('server_us_per_msg', OURS, p), 2)} vs {p}" for p in PEERS
         )
+        if UVLOOP in c.servers:
+            ratios += f"; on uvloop {_show(c.ratio('server_us_per_msg', UVLOOP, 'grpc.aio'), 2)}"
         bound = _gen_bound(c, OURS, *PEERS)
         lines.append(f"| fanout N={c.params['n']}: server CPU / msg ratio | {ratios}{bound} |")
     for c in by_workload.get("latency", []):
+        uv = ""
+        if UVLOOP in c.servers:
+            uv = f"; on uvloop {_show(c.ratio('p99_ms', UVLOOP, 'grpc.aio'), 2)}"
         lines.append(
             f"| latency {c.label}: p99 ratio vs grpc.aio "
             f"| {_show(c.ratio('p99_ms', OURS, 'grpc.aio'), 2)} "
-            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms){_gen_bound(c, OURS, 'grpc.aio')} |"
+            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms){uv}{_gen_bound(c, OURS, 'grpc.aio')} |"
         )
     for c in by_workload.get("idle", []):
         samples = [s for s in c.samples.get(OURS, []) if "skipped" not in s]

@@ -63,13 +63,26 @@ class Counter(Protocol):
 
 
 def main(
-    conn: Connection, cpu: int | None, stubs_dir: str, timeout: float, counter: Counter
+    conn: Connection,
+    cpu: int | None,
+    stubs_dir: str,
+    timeout: float,
+    counter: Counter,
+    loop: str = "asyncio",
 ) -> None:
-    """Process entry point: pin, then serve commands until told to exit."""
+    """Process entry point: pin, then serve commands until told to exit.
+
+    ``loop`` is the event loop: ``asyncio``, or ``uvloop`` (``longlived+uvloop``: longlived
+    as ``longlived serve --event-loop uvloop`` runs it)."""
     try:
         setup = child_setup(cpu)
         conn.send(("hello", setup))
-        asyncio.run(_Process(conn, Path(stubs_dir), timeout, counter).run())
+        run = asyncio.run
+        if loop == "uvloop":
+            import uvloop
+
+            run = uvloop.run
+        run(_Process(conn, Path(stubs_dir), timeout, counter).run())
     except Exception:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
@@ -151,8 +164,9 @@ class _Process:
                 return ("cpu", time.process_time())
             if command == "one":
                 index, size = args
+                t = time.monotonic()  # before: a server may write while it publishes
                 self._server.publish(payload(index, size), index)
-                return ("published", time.monotonic())
+                return ("published", t)
             if command == "stream":
                 self.halt.clear()
                 self.streaming = asyncio.create_task(self._stream(*args))

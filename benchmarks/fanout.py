@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks._bench import SERVERS, Bench, Cell
+from benchmarks._bench import SERVERS, Bench, Cell, extra_servers
 from benchmarks._common import cpu_busy, others
 
 __all__ = ["VARIANTS", "cells", "trial", "warm_up"]
@@ -26,7 +26,7 @@ VARIANTS = {"one": 1, "burst": 10}
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    servers = [*SERVERS, "floor"] if args.floor else list(SERVERS)
+    servers = [*SERVERS, *extra_servers(args)]
     out = []
     for variant in args.fanout_variants:
         counts = args.fanout_n if variant == "one" else args.burst_n
@@ -42,7 +42,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     wait, lg = bench.wait, bench.loadgen
     n, events, per_turn = cell.params["n"], cell.params["events"], cell.params["per_turn"]
     port, _ = process.ask("started", wait, "start", bench.spec(server, queue=events))
-    lg.ask("ready", wait, "open", port, n, 1)
+    lg.ask("ready", wait, "open", port, n, 1, bench.args.loadgen)
     process.ask("subscribed", wait, "wait", n)
     lg.ask("reading", wait, "read", "count", events)
     server_cpu_id, loadgen_cpu_id = bench.args.server_cpu, bench.args.loadgen_cpu

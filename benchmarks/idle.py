@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from benchmarks._bench import SERVERS, Bench, Cell
+from benchmarks._bench import SERVERS, UVLOOP, Bench, Cell
 from benchmarks._common import listen_overflows, rss_kb
 
 __all__ = ["cells", "trial"]
@@ -26,6 +26,7 @@ FD_MARGIN = 200
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
+    servers = [*SERVERS, UVLOOP] if args.uvloop else list(SERVERS)
     out = []
     for n in args.idle_n:
         hold = args.hold if n == max(args.idle_n) else args.hold_small
@@ -34,7 +35,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
                 continue
             params = {"n": n, "per_connection": per_connection, "hold": hold}
             how = "own connections" if per_connection == 1 else f"{per_connection} per connection"
-            out.append(Cell("idle", f"{n:,} streams, {how}", params, list(SERVERS)))
+            out.append(Cell("idle", f"{n:,} streams, {how}", params, servers))
     return out
 
 
@@ -43,7 +44,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     wait, lg = bench.wait, bench.loadgen
     n, per_connection, hold = cell.params["n"], cell.params["per_connection"], cell.params["hold"]
     connections = -(-n // per_connection)
-    fresh = bench.server_process()
+    fresh = bench.server_process(server)
     try:
         for name, setup in (("server", fresh.setup), ("loadgen", lg.setup)):
             if setup["nofile"] < connections + FD_MARGIN:
@@ -55,7 +56,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         (before,) = fresh.ask("rss", wait, "rss")
         loadgen_before = rss_kb(lg.pid)
         overflows = listen_overflows()
-        (open_seconds,) = lg.ask("ready", wait, "open", port, n, per_connection)
+        (open_seconds,) = lg.ask("ready", wait, "open", port, n, per_connection, bench.args.loadgen)
         (count,) = fresh.ask("subscribed", wait, "wait", n)
         (after,) = fresh.ask("rss", wait, "rss")
         loadgen_after = rss_kb(lg.pid)

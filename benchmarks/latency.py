@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks._bench import SERVERS, Bench, Cell
+from benchmarks._bench import SERVERS, Bench, Cell, extra_servers
 from benchmarks._common import cpu_busy, others
 
 __all__ = ["cells", "trial"]
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    servers = [*SERVERS, "floor"] if args.floor else list(SERVERS)
+    servers = [*SERVERS, *extra_servers(args)]
     out = []
     for n, rate in args.latency_settings:
         events = max(int(rate * args.latency_seconds), 10)
@@ -37,7 +37,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     wait, lg = bench.wait, bench.loadgen
     n, rate, events = cell.params["n"], cell.params["rate"], cell.params["events"]
     port, _ = process.ask("started", wait, "start", bench.spec(server, queue=events))
-    lg.ask("ready", wait, "open", port, n, 1)
+    lg.ask("ready", wait, "open", port, n, 1, bench.args.loadgen)
     process.ask("subscribed", wait, "wait", n)
     lg.ask("reading", wait, "read", "latency", events)
     server_cpu_id, loadgen_cpu_id = bench.args.server_cpu, bench.args.loadgen_cpu

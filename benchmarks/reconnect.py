@@ -65,7 +65,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
     n, rate = cell.params["n"], cell.params["rate"]
     spec = bench.spec(server, queue=1024, redis_stream=f"bench-{time.monotonic_ns()}")
     resume = server.startswith("longlived")
-    first = bench.server_process()
+    first = bench.server_process(server)
     second = None
     try:
         port, _ = first.ask("started", wait, "start", spec)
@@ -80,7 +80,7 @@ def trial(bench: Bench, cell: Cell, server: str, process: Any) -> dict[str, Any]
         overflows = listen_overflows()
         killed = first.kill()
         last0 = int(first.counter.value)  # every event up to it was published
-        second = bench.server_process()
+        second = bench.server_process(server)
         _, ready = second.ask("started", wait, "start", {**spec, "port": port})
         (server_cpu0,) = second.ask("cpu", wait, "cpu")
         second.ask("streaming", wait, "stream", rate, 1, size)

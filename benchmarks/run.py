@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -127,13 +128,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--only", type=_names(list(WORKLOADS)), default=list(WORKLOADS), help="workloads to run")
     add(
         "--servers",
-        type=_names(["longlived", "longlived+redis", "grpc.aio", "grpclib", "floor"]),
+        type=_names(
+            ["longlived", "longlived+uvloop", "longlived+redis", "grpc.aio", "grpclib", "floor"]
+        ),
         default=None,
         help="only these servers (default: all of each workload's)",
     )
     add("--rounds", type=int, default=None, help="rounds (quick 1, full 3)")
     add("--server-cpu", type=int, default=1, help="CPU the server under test is pinned to")
     add("--loadgen-cpu", type=int, default=0, help="CPU the load generator is pinned to")
+    add(
+        "--loadgen",
+        choices=["raw", "grpcio"],
+        default="raw",
+        help="subscribers of fanout, latency and idle: raw HTTP/2 readers (cheap, so the "
+        "server sets the pace) or grpc.aio calls (reconnect always uses grpc.aio clients)",
+    )
+    add(
+        "--loadgen-loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the load generator's event loop (asyncio when uvloop is not installed)",
+    )
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
     add("--size", type=int, default=64, help="characters of event data (>= 30)")
     add("--timeout", type=float, default=120.0, help="bound on every step of a trial, seconds")
@@ -143,6 +159,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="add the raw pre-framed-write floor server to fanout and latency",
+    )
+    add(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=importlib.util.find_spec("uvloop") is not None,
+        help="add longlived on uvloop to fanout, latency and idle (default: if installed)",
     )
     group = parser.add_argument_group("fanout")
     group.add_argument("--fanout-n", type=_ints, help="subscriber counts N, one variant")
@@ -240,7 +262,7 @@ def _processes(bench: Bench, workload: str) -> Iterator[Any]:
         if workload not in PERSISTENT:
             return None
         if server not in kept:
-            kept[server] = bench.server_process()
+            kept[server] = bench.server_process(server)
             fanout.warm_up(bench, server, kept[server])
         return kept[server]
 
@@ -417,11 +439,21 @@ def header(args: argparse.Namespace, info: dict[str, Any], elapsed: float) -> li
         f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['platform']}, Python {m['python']}; "
         f"load average at start {', '.join(f'{x:.2f}' for x in load) if load else 'unknown'}",
         f"- versions: {versions}",
+        f"- load generator: {_loadgen_line(args, m)}",
         f"- {pin}; {args.rounds} round{'s' * (args.rounds != 1)}, rotated order; "
         "medians (min-max over rounds); "
         f"{elapsed:.0f} s in all",
         *failed,
     ]
+
+
+def _loadgen_line(args: argparse.Namespace, machine: dict[str, Any]) -> str:
+    loop = (machine.get("loadgen") or {}).get("loop", "asyncio")
+    if args.loadgen == "raw":
+        kind = "raw HTTP/2 readers (benchmarks/_rawgen.py)"
+    else:
+        kind = "grpc.aio calls"
+    return f"{kind} on {loop} for fanout, latency and idle; grpc.aio clients for reconnect"
 
 
 def write(
