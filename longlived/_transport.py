@@ -58,7 +58,7 @@ from h2.exceptions import StreamClosedError as H2StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
-from longlived._aio import wait_first
+from longlived._aio import SparseEvent, wait_first
 from longlived._call import CallHost, PublishCall, SubscribeCall, UnsubscribeCall
 from longlived._logfields import fields
 from longlived._proto.longlived import PublishReply, PublishRequest, Request, Response
@@ -383,6 +383,8 @@ class _Handler(grpclib.server.Handler):
                 return
         incomplete.add(stream)
         stream.headers_received = stream.trailers_received = _UNUSED
+        if not stream.window_updated.is_set():  # what grpclib made: a fresh one, unset
+            stream.window_updated = SparseEvent()
 
         def release() -> None:
             incomplete.discard(stream)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from longlived._aio import SparseEvent
+
 __all__ = ["EndReason", "Gap", "Subscriber"]
 
 
@@ -94,7 +96,7 @@ class Subscriber:
         """It follows the keyed state: a lost position gets a fresh snapshot, not RESET."""
         self.end_reason: EndReason | None = None
         """Why its stream ended (None while it is open)."""
-        self.aborted = asyncio.Event()
+        self.aborted: asyncio.Event = SparseEvent()
         """Set when queued messages are to be abandoned: every end but UNSUBSCRIBED and a
         flushed SHUTDOWN (whose queue is still delivered), or ``abort()``. A writer blocked
         on the peer races it."""

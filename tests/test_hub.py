@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from longlived import EndReason, Event, Hub, Kind, Position, Response, ResponseKind
+from longlived._aio import _NO_WAITERS, SparseEvent
 from longlived._wire import encode_message
 from longlived.hub import Policy
 from longlived.subscriber import Subscriber
@@ -372,3 +373,38 @@ async def test_messages_through_the_sink_keep_the_heartbeat_away() -> None:
         assert await writer == []
     assert len(sink.taken) >= 2
     assert ended[0] >= sink.at[-1] + idle
+
+
+@pytest.mark.parametrize("kind", [asyncio.Event, SparseEvent])
+async def test_a_sparse_event_behaves_as_an_asyncio_event(kind: type[asyncio.Event]) -> None:
+    """``SparseEvent`` (a subscriber's ``aborted``, a server stream's ``window_updated``)
+    shares one empty deque until it is first waited on: two of them must never wake each
+    other's waiters, and a cancelled waiter must leave no trace."""
+    one, other = kind(), kind()
+    waiting = [asyncio.ensure_future(one.wait()) for _ in range(2)]
+    elsewhere = asyncio.ensure_future(other.wait())
+    cancelled = asyncio.ensure_future(other.wait())
+    await asyncio.sleep(0)  # every waiter is parked now
+    cancelled.cancel()
+    one.set()
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*waiting) == [True, True]
+    await asyncio.sleep(0)
+    assert not elsewhere.done()
+    assert cancelled.cancelled()
+    assert one.is_set()
+    assert not other.is_set()
+    one.clear()
+    again = asyncio.ensure_future(one.wait())
+    await asyncio.sleep(0)
+    assert not again.done()
+    one.set()
+    other.set()
+    async with asyncio.timeout(5):
+        assert await again
+        assert await elsewhere
+    fresh = kind()
+    fresh.set()
+    async with asyncio.timeout(5):
+        assert await fresh.wait() is True
+    assert len(_NO_WAITERS) == 0
