@@ -62,6 +62,6 @@ bench *ARGS:
 
 # 3 rounds at the issue's sizes (10,000 streams held 60 s, 1,000 clients across a restart);
 # results in benchmarks/results/, to commit with the figures in benchmarks/README.md.
-# Benchmarks, full (about 50 minutes on 2 cores; run it on a quiet machine).
+# Benchmarks, full (about 45 minutes on 2 cores; run it on a quiet machine).
 bench-full *ARGS:
     python -m benchmarks.run --full {{ARGS}}
