@@ -299,6 +299,7 @@ async def test_unsubscribe_of_another_callers_id_is_denied_and_changes_nothing()
     assert alice.status == (Code.OK, "unsubscribed", False)
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # reads asyncio's own timer heap
 async def test_unsubscribe_leaves_no_timer_behind() -> None:
     """Each Unsubscribe used to leave a ``call_later`` holding the subscriber."""
     server = host(drain_timeout=3600.0)
