@@ -247,6 +247,8 @@ class _Connection(asyncio.Protocol):
         if stream.error is None and stream.done_at is None:
             stream.error = error
             self.owner.on_finished()
+            if not stream.headers:  # refused while opening: open() must not wait for it
+                self.owner.on_refused()
 
 
 class RawSubscribers:
@@ -270,12 +272,17 @@ class RawSubscribers:
 
     def on_message(self, stream: _Stream, message: bytes, now: int) -> None:
         stream.count += 1
+        if stream.done_at is not None:  # one too many: read() reports the count
+            return
         stream.last = message
         if self.stamp:
             self.latencies.append(now - stamp(message))
         if stream.count == self.events and stream.done_at is None and stream.error is None:
             stream.done_at = now / 1e9
             self.on_finished()
+
+    def on_refused(self) -> None:
+        self._check_waiting(self.events == -1)  # only open() waits with events unset
 
     def on_finished(self) -> None:
         self.remaining -= 1
@@ -359,14 +366,19 @@ class RawSubscribers:
         if pending:
             errors.insert(0, f"{pending} of {len(streams)} streams timed out")
         last_seq = events if mode != "final" else None
-        if last_seq is not None:
-            for stream in streams:
-                if stream.done_at is not None:
-                    seq = self.stubs.messages.Response.FromString(stream.last).seq
-                    if seq != last_seq:
-                        errors.append(
-                            f"{stream.count} messages, the last with seq {seq}; expected {events}"
-                        )
+        for stream in streams:
+            if stream.done_at is None:
+                continue
+            seq = (
+                None
+                if last_seq is None
+                else self.stubs.messages.Response.FromString(stream.last).seq
+            )
+            if stream.count != events or seq != last_seq:
+                errors.append(
+                    f"{stream.count} messages, message {events} with seq {seq}; expected "
+                    f"{events}" + ("" if last_seq is None else f", the last with seq {last_seq}")
+                )
         result: dict[str, Any] = {
             "t_last": max((s.done_at for s in streams if s.done_at is not None), default=0.0),
             "cpu": cpu,

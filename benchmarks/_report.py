@@ -248,18 +248,20 @@ def targets(by_workload: dict[str, list[Cell]]) -> list[str]:
         ratios = ", ".join(
             f"{_show(c.ratio('server_us_per_msg', OURS, p), 2)} vs {p}" for p in PEERS
         )
+        ratios += _gen_bound(c, OURS, *PEERS)
         if UVLOOP in c.servers:
-            ratios += f"; on uvloop {_show(c.ratio('server_us_per_msg', UVLOOP, 'grpc.aio'), 2)}"
-        bound = _gen_bound(c, OURS, *PEERS)
-        lines.append(f"| fanout N={c.params['n']}: server CPU / msg ratio | {ratios}{bound} |")
+            uv = _show(c.ratio("server_us_per_msg", UVLOOP, "grpc.aio"), 2)
+            ratios += f"; on uvloop {uv}{_gen_bound(c, UVLOOP)}"
+        lines.append(f"| fanout N={c.params['n']}: server CPU / msg ratio | {ratios} |")
     for c in by_workload.get("latency", []):
         uv = ""
         if UVLOOP in c.servers:
             uv = f"; on uvloop {_show(c.ratio('p99_ms', UVLOOP, 'grpc.aio'), 2)}"
+            uv += _gen_bound(c, UVLOOP)
         lines.append(
             f"| latency {c.label}: p99 ratio vs grpc.aio "
             f"| {_show(c.ratio('p99_ms', OURS, 'grpc.aio'), 2)} "
-            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms){uv}{_gen_bound(c, OURS, 'grpc.aio')} |"
+            f"(p99 {_show(c.stat(OURS, 'p99_ms'), 2)} ms){_gen_bound(c, OURS, 'grpc.aio')}{uv} |"
         )
     for c in by_workload.get("idle", []):
         samples = [s for s in c.samples.get(OURS, []) if "skipped" not in s]

@@ -386,7 +386,9 @@ def machine(bench: Bench) -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    packages = ("grpcio", "grpclib", "h2", "betterproto2", "protobuf", "redis", "matplotlib")
+    packages = (
+        "grpcio", "grpclib", "h2", "betterproto2", "protobuf", "redis", "uvloop", "matplotlib",
+    )  # fmt: skip
     return {
         "cpu": model,
         "cpus": os.cpu_count(),
@@ -453,7 +455,10 @@ def _loadgen_line(args: argparse.Namespace, machine: dict[str, Any]) -> str:
         kind = "raw HTTP/2 readers (benchmarks/_rawgen.py)"
     else:
         kind = "grpc.aio calls"
-    return f"{kind} on {loop} for fanout, latency and idle; grpc.aio clients for reconnect"
+    return (
+        f"{kind} for fanout, latency and idle; grpc.aio clients and ResilientClient for "
+        f"reconnect; all on {loop}"
+    )
 
 
 def write(

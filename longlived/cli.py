@@ -399,6 +399,8 @@ def _run(command: Command, settings: Settings) -> int | None:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        if settings.event_loop != "asyncio":
+            log.info("Event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
         if settings.duration is not None:
             loop.call_later(settings.duration, stop.set)
         return await command(settings, stop)

@@ -461,7 +461,8 @@ class Settings(BaseSettings):
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio",
         description="the event loop the command runs on: `uvloop` (the `longlived[uvloop]` "
-        "extra) costs less per write, most with few subscribers per event",
+        "extra) may cost less per socket write; an app that runs its own loop chooses it "
+        "itself (`uvloop.run`)",
     )
     log_format: Literal["plain", "json"] = Field(
         default="plain", description="CLI log lines: plain text or JSON objects"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,8 +31,8 @@ def pytest_asyncio_loop_factories(
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {}
     if "asyncio" in names:
         factories["asyncio"] = asyncio.new_event_loop
-    if "uvloop" in names:
-        import uvloop
+    if "uvloop" in names and importlib.util.find_spec("uvloop") is not None:
+        import uvloop  # not where the dev extra leaves it out (Windows)
 
         factories["uvloop"] = uvloop.new_event_loop
     return factories

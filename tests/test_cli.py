@@ -454,6 +454,7 @@ async def test_demo_runs_on_uvloop(processes: list[Process]) -> None:
     assert await demo.stop(signal.SIGINT) == 0
     [listening] = [line for line in demo.lines if "Listening on" in line]
     assert not listening.endswith(":0")
+    assert any("Event loop: uvloop.Loop" in line for line in demo.lines)
 
 
 def test_uvloop_asked_for_but_not_installed_is_a_clear_error(

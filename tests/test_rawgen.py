@@ -8,13 +8,18 @@ no server is throttled, a failed stream reported with its status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from multiprocessing import Pipe
-from typing import Any
+from typing import Any, cast
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 
 from benchmarks import _rawgen
@@ -144,3 +149,79 @@ async def test_a_stream_the_server_ends_is_reported_with_its_status(
         await manager.close()
     assert len(result["errors"]) == 2
     assert all("after 1 messages: grpc-status 14" in e for e in result["errors"])
+
+
+class _H2Server(asyncio.Protocol):
+    """A bare h2 server for what a real one never does: ``refuse`` resets stream 3 as it
+    arrives (REFUSED_STREAM, as over MAX_CONCURRENT_STREAMS); the others get headers."""
+
+    made: list[_H2Server]
+    refuse = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+        self.streams: list[int] = []
+        self.made.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                assert event.stream_id is not None
+                if self.refuse and event.stream_id == 3:
+                    self.h2.reset_stream(3, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                self.streams.append(event.stream_id)
+                headers = [(":status", "200"), ("content-type", "application/grpc")]
+                self.h2.send_headers(event.stream_id, headers)
+        self.transport.write(self.h2.data_to_send())
+
+    def send(self, messages: list[bytes]) -> None:
+        for message in messages:
+            prefixed = b"\x00" + len(message).to_bytes(4, "big") + message
+            self.h2.send_data(self.streams[0], prefixed)
+        self.transport.write(self.h2.data_to_send())
+
+
+@contextlib.asynccontextmanager
+async def h2_server(*, refuse: bool = False) -> AsyncIterator[tuple[int, list[_H2Server]]]:
+    made: list[_H2Server] = []
+    kind = type("Server", (_H2Server,), {"made": made, "refuse": refuse})
+    server = await asyncio.get_running_loop().create_server(kind, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], made
+    finally:
+        server.close()
+
+
+async def test_a_message_sent_twice_is_reported(stubs: Stubs) -> None:
+    """Seq 1, 1, 2 for two events: the second message reached the count but was not the
+    last event, and a third came; counting on would have let the run pass."""
+    response = stubs.messages.Response
+    async with h2_server() as (port, made):
+        subscribers = RawSubscribers(stubs)
+        await subscribers.open(port, 1, 1)
+
+        async def publish() -> None:
+            made[0].send([response(data="a", seq=s).SerializeToString() for s in (1, 1, 2)])
+
+        try:
+            result = await read(subscribers, "count", 2, publish)
+        finally:
+            await subscribers.close()
+    assert result["errors"] == ["3 messages, message 2 with seq 1; expected 2, the last with seq 2"]
+
+
+async def test_a_stream_refused_while_opening_is_reported_at_once(stubs: Stubs) -> None:
+    async with h2_server(refuse=True) as (port, _):
+        subscribers = RawSubscribers(stubs)
+        try:
+            with pytest.raises(
+                RuntimeError, match=r"failed while opening: stream reset \(code 7\)"
+            ):
+                async with asyncio.timeout(TIMEOUT / 2):  # open() gives up well before
+                    await subscribers.open(port, 3, 3)
+        finally:
+            await subscribers.close()
