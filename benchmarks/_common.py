@@ -20,6 +20,7 @@ import resource
 import signal
 import sys
 from array import array
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "raise_nofile",
     "receive",
     "rss_kb",
+    "runner",
     "stamp",
     "stamped",
     "summary",
@@ -242,6 +244,19 @@ async def receive(conn: Connection, *, timeout: float) -> tuple[Any, ...]:
         loop.remove_reader(conn.fileno())
     message: tuple[Any, ...] = conn.recv()
     return message
+
+
+def runner(loop: str) -> tuple[Callable[[Coroutine[Any, Any, None]], None], str]:
+    """``uvloop.run`` for ``loop == "uvloop"`` when uvloop is installed, else
+    ``asyncio.run``; and the name of the loop that is."""
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run, "uvloop"
+    return asyncio.run, "asyncio"
 
 
 def stamp(message: bytes) -> int:

@@ -34,7 +34,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import SUBSCRIBE, Stubs, child_setup, load_stubs, receive, stamp, summary
+from benchmarks._common import (
+    SUBSCRIBE,
+    Stubs,
+    child_setup,
+    load_stubs,
+    receive,
+    runner,
+    stamp,
+    summary,
+)
 
 __all__ = ["GRPCIO_OPTIONS", "main"]
 
@@ -58,24 +67,13 @@ def main(conn: Connection, cpu: int | None, stubs_dir: str, timeout: float, loop
     """
     try:
         setup = child_setup(cpu)
-        runner = _runner(loop)
-        setup["loop"] = loop if runner is not asyncio.run else "asyncio"
+        run, setup["loop"] = runner(loop)
         conn.send(("hello", setup))
-        runner(_Loadgen(conn, load_stubs(Path(stubs_dir)), timeout).run())
+        run(_Loadgen(conn, load_stubs(Path(stubs_dir)), timeout).run())
     except Exception:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
         raise
-
-
-def _runner(loop: str) -> Any:
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run
-        return uvloop.run
-    return asyncio.run
 
 
 class _Loadgen:

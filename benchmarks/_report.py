@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks._bench import Cell, Stat
+from benchmarks._bench import UVLOOP, Cell, Stat
 
 __all__ = ["markdown"]
 
 OURS = "longlived"
-UVLOOP = "longlived+uvloop"
 PEERS = ("grpc.aio", "grpclib")
 
 

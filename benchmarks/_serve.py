@@ -36,7 +36,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks._common import child_setup, numbered, payload, receive, rss_kb, stamped
+from benchmarks._common import (
+    child_setup,
+    numbered,
+    payload,
+    receive,
+    rss_kb,
+    runner,
+    stamped,
+)
 
 __all__ = ["KINDS", "Server", "main"]
 
@@ -76,12 +84,8 @@ def main(
     as ``longlived serve --event-loop uvloop`` runs it)."""
     try:
         setup = child_setup(cpu)
+        run, setup["loop"] = runner(loop)
         conn.send(("hello", setup))
-        run = asyncio.run
-        if loop == "uvloop":
-            import uvloop
-
-            run = uvloop.run
         run(_Process(conn, Path(stubs_dir), timeout, counter).run())
     except Exception:
         with contextlib.suppress(OSError):

@@ -214,6 +214,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.size < 30:
         parser.error("--size must be at least 30 (the latency stamp needs 29 characters)")
+    if args.uvloop and importlib.util.find_spec("uvloop") is None:
+        parser.error("--uvloop needs uvloop installed (pip install uvloop)")
     if args.no_pin:
         args.server_cpu = args.loadgen_cpu = None
     return args
